@@ -155,10 +155,21 @@ def _union_validator(tp: Any) -> _Validator:
     validators = [_validator(arg) for arg in members]
     exact = frozenset().union(*(v[0] for v in validators))
     fallible = [v[1] for arg, v in zip(members, validators, strict=True) if arg is not type(None)]
-    if len(fallible) == 1:
-        # `X | None`: None is in `exact`, so anything reaching check is X's business (and keeps its path).
-        return exact, fallible[0]
     description = _describe(tp)
+    if len(fallible) == 1:
+        # `X | None`: None is in `exact`, so anything reaching here is X's business; a mismatch deeper inside
+        # X keeps its own path and message.
+        (member_check,) = fallible
+
+        def check_optional(value: Any) -> Any:
+            try:
+                return member_check(value)
+            except _Mismatch as mismatch:
+                if mismatch.path:
+                    raise
+                raise _Mismatch(f"expected {description}, got {_got(value)}") from None
+
+        return exact, check_optional
 
     def check(value: Any) -> Any:
         for member_check in fallible:

@@ -18,6 +18,9 @@ from services.instance.models.tiny import build_test_models
 
 torch.set_num_threads(1)
 
+# Real nats-server and redis-server on random loopback ports (tests/fixtures_infra.py).
+pytest_plugins = ["fixtures_infra"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

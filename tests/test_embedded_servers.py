@@ -133,12 +133,15 @@ def test_servers_die_with_a_killed_parent() -> None:
         "import os, sys\n"
         "from services.infra.embedded import start_nats, start_redis\n"
         "n, r = start_nats(), start_redis()\n"
-        "print(n.process.pid, r.process.pid, flush=True)\n"
+        "print(n.process.pid, r.process.pid, n.log_path, r.log_path, flush=True)\n"
         "os.kill(os.getpid(), 9)  # no atexit, no finally: only the kernel can clean up\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    pids = [int(pid) for pid in result.stdout.split()]
-    assert len(pids) == 2, result.stderr
+    words = result.stdout.split()
+    assert len(words) == 4, result.stderr
+    pids = [int(pid) for pid in words[:2]]
+    for log in words[2:]:  # nobody was left to delete them
+        Path(log).unlink()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

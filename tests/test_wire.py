@@ -249,7 +249,7 @@ REJECTIONS = [
     (
         "str for float",
         _chunk_with(queue_time="0.1"),
-        "TokenChunk.queue_time: expected float, got str",
+        "TokenChunk.queue_time: expected float | None, got str",
         "queue_time",
     ),
     (

@@ -163,33 +163,23 @@ class EmbeddedServer:
 # failing to bind. Each probe checks that the server answering is the one we started.
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        data += chunk
-    return data
-
-
-def _read_line(sock: socket.socket, limit: int = 65536) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(4096)
-        if not chunk or len(data) > limit:
-            raise ConnectionError("connection closed before a full line")
-        data += chunk
-    return data
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("connection closed by the server")
+    return chunk
 
 
 def _nats_probe(server_name: str) -> Callable[[EmbeddedServer], bool]:
     def ready(server: EmbeddedServer) -> bool:
         with socket.create_connection((HOST, server.port), timeout=1.0) as sock:
-            line = _read_line(sock)  # a NATS server greets every client with INFO {json}
-        if not line.startswith(b"INFO "):
+            greeting = b""
+            while b"\r\n" not in greeting:  # a NATS server greets every client with INFO {json}
+                greeting += _recv(sock)
+        if not greeting.startswith(b"INFO "):
             return False
-        return bool(json.loads(line[5:]).get("server_name") == server_name)
+        info = json.loads(greeting[5:].partition(b"\r\n")[0])
+        return isinstance(info, dict) and info.get("server_name") == server_name
 
     return ready
 
@@ -197,10 +187,14 @@ def _nats_probe(server_name: str) -> Callable[[EmbeddedServer], bool]:
 def _redis_ready(server: EmbeddedServer) -> bool:
     with socket.create_connection((HOST, server.port), timeout=1.0) as sock:
         sock.sendall(b"INFO server\r\n")
-        header = _read_line(sock, limit=64)  # "$<length>" once loaded; "-LOADING ..." while it reads data
-        if not header.startswith(b"$"):
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += _recv(sock)
+        header, _, body = reply.partition(b"\r\n")
+        if not header.startswith(b"$"):  # "-LOADING ..." while it reads a data dir
             return False
-        body = _read_exactly(sock, int(header[1:].split(b"\r\n", 1)[0]) + 2)
+        while len(body) < int(header[1:]) + 2:
+            body += _recv(sock)
     return f"process_id:{server.process.pid}\r\n".encode() in body
 
 
@@ -228,6 +222,9 @@ def _start(
                 process_group=0,
                 preexec_fn=_die_with_parent(os.getpid()),
             )
+        except OSError as error:
+            Path(log_name).unlink(missing_ok=True)
+            raise EmbeddedServerError(f"cannot run {binary}: {error}") from error
         finally:
             os.close(fd)
         server = EmbeddedServer(name, chosen, url_for(chosen), process, Path(log_name))
@@ -235,13 +232,17 @@ def _start(
             _running.add(server)
         try:
             _wait_ready(server, ready, timeout)
-            return server
         except EmbeddedServerError as error:
             tail = server.log_tail()
             server.stop()
             if port is None and attempt < _PORT_RETRIES and "address already in use" in tail.lower():
                 continue
             raise EmbeddedServerError(f"{error}\n--- {name} output (tail) ---\n{tail}") from None
+        except BaseException:
+            server.stop()  # Ctrl-C while waiting: no server left behind
+            raise
+        else:
+            return server
 
 
 def _wait_ready(server: EmbeddedServer, ready: Callable[[EmbeddedServer], bool], timeout: float) -> None:
