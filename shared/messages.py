@@ -195,6 +195,29 @@ class ClusterChanged(Message):
     macro_instance_id: str | None = None  # the macro instance that changed, when only one did
 
 
+ControlCommand = Literal["register", "drain", "resume", "shutdown"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceControl(Message):
+    """Coordinator → instance (request/reply on its control subject): `register` again (the coordinator lost
+    it), `drain` (take no new requests, finish held ones), `resume`, or `shutdown` (drain, deregister, exit).
+    Answered by AdminReply."""
+
+    command: ControlCommand
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceLost(Message):
+    """Coordinator → routers (broadcast): the instance stopped heartbeating; end its requests' streams with
+    an error now (routers know which of their requests it held from SubmitAck)."""
+
+    instance_id: str
+    reason: str
+    time: float  # unix seconds
+
+
 # ---- errors and administration --------------------------------------------------------------------------
 
 

@@ -104,3 +104,8 @@ def admin(prefix: str) -> str:
 def cluster_changed(prefix: str) -> str:
     """Coordinator → routers ClusterChanged broadcasts."""
     return f"{check_prefix(prefix)}.cluster.changed"
+
+
+def instance_lost(prefix: str) -> str:
+    """Coordinator → routers InstanceLost broadcasts: fail the streams of a dead instance."""
+    return f"{check_prefix(prefix)}.cluster.instance_lost"
