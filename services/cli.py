@@ -120,11 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     prep.set_defaults(func=cmd_model_prepare)
+    for name, (_module, summary) in PASSTHROUGH.items():
+        sub.add_parser(name, help=f"{summary} (`ecoserve {name} --help`)", add_help=False)
     return parser
 
 
+# Subcommands that own their flags: `ecoserve NAME ...` is `python -m MODULE ...`.
+PASSTHROUGH = {
+    "up": ("services.launcher", "start NATS, Redis, a coordinator, instances and the router"),
+    "instance": ("services.instance.__main__", "run one instance service"),
+    "coordinator": ("services.coordinator.__main__", "run the coordinator service"),
+    "router": ("services.router.__main__", "run the HTTP router"),
+    "admin": ("services.coordinator.admin_cli", "admin commands over NATS (status, drain, config, ...)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return module.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

@@ -1,0 +1,258 @@
+"""`ecoserve up`: the whole system on one machine — embedded NATS and Redis, a coordinator, N instances and
+a router as child processes — until Ctrl-C, then everything stops cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from services.infra.embedded import EmbeddedServer, start_nats, start_redis
+
+log = logging.getLogger("ecoserve.up")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cpus: set[int] | None = None  # CPU affinity, so instances do not compete for the same cores
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cpus = self.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=pin)
+
+    @property
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+
+@dataclass
+class Cluster:
+    """The child processes of one `ecoserve up`, stopped in reverse order of dependency."""
+
+    servers: list[EmbeddedServer] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+
+    def stop(self, timeout: float = 40.0) -> None:
+        # Router first (no new work), then instances (they drain and deregister), then the coordinator.
+        for group in ("router", "instance", "coordinator"):
+            members = [c for c in self.children if c.name.startswith(group) and c.exited is None]
+            for child in members:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in members:
+                try:
+                    child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time; killing it", child.name)
+                    child.process.kill()
+                    child.process.wait()
+        for server in reversed(self.servers):
+            server.stop()
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--model",
+        default=env("ECOSERVE_MODEL"),
+        help="local HF model folder (default: SmolLM2-135M-Instruct, converted on first use)",
+    )
+    p.add_argument("--instances", type=int, default=int(env("ECOSERVE_INSTANCES", "1")))
+    p.add_argument("--host", default=env("ECOSERVE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("ECOSERVE_PORT", "8000")))
+    p.add_argument("--api-key", default=env("ECOSERVE_API_KEY"), help="require this Bearer key on /v1/*")
+    p.add_argument(
+        "--strategy",
+        default=env("ECOSERVE_STRATEGY", "sarathi"),
+        choices=["nodg", "sarathi"],
+        help="scheduling strategy of every instance",
+    )
+    p.add_argument("--dtype", default=env("ECOSERVE_DTYPE", "bf16"))
+    p.add_argument(
+        "--threads-per-instance",
+        type=int,
+        default=_int(env("ECOSERVE_THREADS_PER_INSTANCE")),
+        help="torch threads per instance (default: cores / instances, at least 1)",
+    )
+    p.add_argument(
+        "--pin-cores",
+        action=argparse.BooleanOptionalAction,
+        default=env("ECOSERVE_PIN_CORES", "0") == "1",
+        help="pin instance i to its own cores (taskset-style affinity)",
+    )
+    p.add_argument("--kv-cache-gb", type=float, default=float(env("ECOSERVE_KV_CACHE_GB", "1")))
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=int(env("ECOSERVE_MAX_NUM_BATCHED_TOKENS", "512"))
+    )
+    p.add_argument("--max-num-seqs", type=int, default=int(env("ECOSERVE_MAX_NUM_SEQS", "128")))
+    p.add_argument(
+        "--nats-url", default=env("ECOSERVE_NATS_URL"), help="use this NATS instead of starting one"
+    )
+    p.add_argument(
+        "--redis-url", default=env("ECOSERVE_REDIS_URL"), help="use this Redis instead of starting one"
+    )
+    p.add_argument("--prefix", default=env("ECOSERVE_PREFIX", "ecoserve"))
+    p.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for the first instance"
+    )
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model_dir: str) -> list[Child]:
+    python = sys.executable
+    common = ["--nats-url", nats_url, "--redis-url", redis_url, "--prefix", args.prefix]
+    cores = os.cpu_count() or 1
+    threads = args.threads_per_instance or max(1, cores // max(1, args.instances))
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    children = [Child("coordinator", [python, "-m", "services.coordinator", *common], base_env)]
+    for i in range(args.instances):
+        env = {**base_env, "OMP_NUM_THREADS": str(threads)}
+        argv = [
+            python,
+            "-m",
+            "services.instance",
+            *common,
+            "--instance-id",
+            f"instance-{i}",
+            "--model",
+            model_dir,
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(threads),
+            "--policy",
+            args.strategy,
+            "--kv-cache-gb",
+            str(args.kv_cache_gb),
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+            "--max-num-seqs",
+            str(args.max_num_seqs),
+        ]
+        cpus = {(i * threads + k) % cores for k in range(threads)} if args.pin_cores else None
+        children.append(Child(f"instance-{i}", argv, env, cpus))
+    router = [
+        python,
+        "-m",
+        "services.router",
+        *common,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--model",
+        model_dir,
+    ]
+    router_env = dict(base_env)
+    if args.api_key:
+        router_env["ECOSERVE_API_KEY"] = args.api_key  # not on the command line, where `ps` would show it
+    children.append(Child("router", router, router_env))
+    return children
+
+
+def wait_healthy(url: str, cluster: Cluster, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in cluster.children:
+            if child.exited is not None:
+                log.error("%s exited with code %s during start-up", child.name, child.exited)
+                return False
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    log.error("no instance became ready within %.0f s", timeout)
+    return False
+
+
+def run_up(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.instances < 1:
+        print("ecoserve up: --instances must be at least 1", file=sys.stderr)
+        return 2
+    from services.instance.models.loader import ModelError, check_architecture, resolve_model_path
+
+    try:
+        # Resolve (and, for the default model, convert) once here rather than in N instances at once.
+        model_dir = resolve_model_path(args.model, dtype=args.dtype)
+        check_architecture(model_dir)
+    except ModelError as exc:
+        print(f"ecoserve up: {exc}", file=sys.stderr)
+        return 2
+    cluster = Cluster()
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        nats_url, redis_url = args.nats_url, args.redis_url
+        if not nats_url:
+            server = start_nats()
+            cluster.servers.append(server)
+            nats_url = server.url
+        if not redis_url:
+            server = start_redis()
+            cluster.servers.append(server)
+            redis_url = server.url
+        log.info("NATS %s, Redis %s", nats_url, redis_url)
+        cluster.children = plan_children(args, nats_url, redis_url, str(model_dir))
+        for child in cluster.children:
+            child.start()
+        url = f"http://{args.host}:{args.port}"
+        if not wait_healthy(url, cluster, args.ready_timeout):
+            return 1
+        print(
+            f"ecoserve is up: {url}/v1  (model {model_dir.name}, {args.instances} instance(s), "
+            f"strategy {args.strategy}); Ctrl-C to stop",
+            flush=True,
+        )
+        print(json.dumps({"url": url, "nats_url": nats_url, "redis_url": redis_url}), flush=True)
+        while stop["signal"] is None:
+            dead = [c for c in cluster.children if c.exited is not None]
+            if dead:
+                for child in dead:
+                    log.error("%s exited with code %s", child.name, child.exited)
+                if any(not c.name.startswith("instance") for c in dead) or all(
+                    c.exited is not None for c in cluster.children if c.name.startswith("instance")
+                ):
+                    return 1
+                cluster.children = [c for c in cluster.children if c.exited is None]
+            time.sleep(0.5)
+        log.info("stopping (signal %s)", stop["signal"])
+        return 0
+    finally:
+        cluster.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ecoserve up", description=__doc__)
+    add_up_args(parser)
+    return run_up(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
