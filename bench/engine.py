@@ -30,8 +30,9 @@ new tokens per request, EOS ignored everywhere. Random ids cost exactly what tex
 identical for any tokenizer. The lengths depend only on (seed, N), so both models get the same shape.
 
 Greedy check: the first --check-requests requests' tokens from ecoserve are compared with static generate's
-and cb's. A mismatch is reported, not fatal: bf16 near-ties can flip, and static generate masks EOS through
-min_new_tokens while ecoserve's ignore_eos doesn't (a mismatch whose ecoserve token is EOS is flagged).
+and cb's, and static's with cb's (two HF code paths, to calibrate how often bf16 near-ties flip). A mismatch
+is reported, not fatal: static generate masks EOS through min_new_tokens while ecoserve's ignore_eos and cb's
+eos_token_id=-1 don't, so a mismatch where either side picked EOS is flagged.
 
 --decode-step: one whole-model decode step at batch B and equal context (every sequence decoding): ecoserve's
 `engine.step()` vs an HF forward of one token per sequence with a contiguous DynamicCache plus the argmax,
@@ -62,7 +63,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -74,6 +78,8 @@ DTYPES = ("fp32", "bf16")
 DEFAULT_JSON = REPO / "bench" / "results" / "engine.json"
 DEFAULT_DECODE_JSON = REPO / "bench" / "results" / "engine-decode-step.json"
 DECODE_STEP_BAR = 1.10
+# Background CPU use (in cores, by other processes) above which the results are flagged as unreliable.
+BACKGROUND_WARN_CORES = 0.2
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,47 @@ def cpu_model() -> str:
 def peak_rss_mb() -> float:
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _system_cpu_s() -> tuple[float, float] | None:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all of this process's threads
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """Background load while a measurement runs, in cores: CPU time used by every other process (machine busy
+    time minus this process's), and time stolen by the hypervisor. The load average can't tell these apart
+    from our own work, and under oversubscription OpenMP barriers slow down ~100× (feasibility.md §4)."""
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._system = _system_cpu_s()
+        self._own = _own_cpu_s()
+        self._loadavg = loadavg()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._wall
+        system = _system_cpu_s()
+        result: dict[str, Any] = {"loadavg_before": self._loadavg, "loadavg_after": loadavg()}
+        if system is None or self._system is None or wall <= 0:
+            return result | {"background_cores": None, "steal_cores": None}
+        busy = system[0] - self._system[0]
+        own = _own_cpu_s() - self._own
+        # Clamped: /proc/stat ticks and rusage differ in granularity by ~10 ms.
+        result["background_cores"] = max(0.0, busy - own) / wall
+        result["steal_cores"] = (system[1] - self._system[1]) / wall
+        return result
 
 
 def git_info() -> dict[str, Any]:
@@ -211,7 +258,7 @@ def make_workload(
 # -- workers (run in a subprocess; torch threads are set before anything else is imported) -------------------
 
 
-def _load(spec: dict[str, Any], attn_implementation: str):
+def _load(spec: dict[str, Any], attn_implementation: str) -> PreTrainedModel:
     from services.instance.models.loader import load_model
 
     return load_model(spec["model_path"], dtype=spec["dtype"], attn_implementation=attn_implementation)
@@ -220,10 +267,9 @@ def _load(spec: dict[str, Any], attn_implementation: str):
 def _timed_runs(repeats: int, run: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
     runs = []
     for i in range(repeats):
-        before = loadavg()
+        meter = CpuMeter()
         result = run(i)
-        result["loadavg_before"], result["loadavg_after"] = before, loadavg()
-        runs.append(result)
+        runs.append(result | meter.stop())
     return runs
 
 
@@ -461,6 +507,12 @@ def worker_cb(spec: dict[str, Any]) -> dict[str, Any]:
             timeout=60,
             warmup=False,
         ) as manager:
+            # The background thread allocates the KV cache on start; keep that out of the timing, as the
+            # engine's pool allocation is kept out of ecoserve's.
+            while manager.batch_processor is None:
+                if not manager.is_running():
+                    raise RuntimeError("the continuous batching thread died while building its cache")
+                time.sleep(0.005)
             start = time.perf_counter()
             for i, (prompt, n) in enumerate(zip(inputs, news, strict=True)):
                 # Per-request max_new_tokens and no EOS: generate_batch can express neither.
@@ -570,7 +622,7 @@ def worker_decode_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     eco_ms: list[float] = []
     hf_ms: list[float] = []
-    before = loadavg()
+    meter = CpuMeter()
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
         outputs = engine.step()
@@ -582,15 +634,14 @@ def worker_decode_step(spec: dict[str, Any]) -> dict[str, Any]:
             out = hf_model(input_ids=next_ids, past_key_values=cache, use_cache=True)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             hf_ms.append((time.perf_counter() - t0) * 1e3)
-    after = loadavg()
+    load = meter.stop()
     eco, hf = median(eco_ms[warmup:]), median(hf_ms[warmup:])
     return {
         "metrics": {"ecoserve_ms": eco, "hf_ms": hf, "ratio": eco / hf},
         "ecoserve_step_ms": eco_ms,
         "hf_step_ms": hf_ms,
         "context_at_first_step": ctx + 1,
-        "loadavg_before": before,
-        "loadavg_after": after,
+        **load,
         "native_decode_kernel": native_available(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -648,22 +699,27 @@ def spawn(method: str, spec: dict[str, Any], workdir: Path, timeout: float) -> d
         how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         return {"error": f"{how}: {tail}", **meta}
-    return {**json.loads(out_path.read_text()), **meta}
+    # Warnings the method printed (e.g. transformers' continuous batching) are kept for the record.
+    stderr_tail = done.stderr.strip().splitlines()[-20:]
+    return {**json.loads(out_path.read_text()), **meta, "stderr_tail": stderr_tail}
 
 
-def compare_tokens(eco: list[list[int]], other: list[list[int]], count: int, eos: set[int]) -> dict[str, Any]:
+def compare_tokens(
+    first: list[list[int]], second: list[list[int]], count: int, eos: set[int]
+) -> dict[str, Any]:
     details = []
-    for a, b in zip(eco[:count], other[:count], strict=False):
+    for a, b in zip(first[:count], second[:count], strict=False):
         diverge = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         if diverge is None and len(a) != len(b):
             diverge = min(len(a), len(b))
+        at_mismatch = set() if diverge is None else {*a[diverge : diverge + 1], *b[diverge : diverge + 1]}
         details.append(
             {
                 "match": diverge is None,
                 "first_mismatch": diverge,
                 "length": len(a),
-                # static generate's min_new_tokens masks EOS; ecoserve's ignore_eos doesn't.
-                "ecoserve_token_is_eos": diverge is not None and diverge < len(a) and a[diverge] in eos,
+                # static generate's min_new_tokens masks EOS; ecoserve's ignore_eos and cb's eos=-1 don't.
+                "eos_at_mismatch": bool(at_mismatch & eos),
             }
         )
     return {"matches": sum(d["match"] for d in details), "checked": len(details), "details": details}
@@ -693,15 +749,20 @@ def e2e_row_line(row: dict[str, Any]) -> str:
         f"{head} {fmt(m.get('wall_s'), 2):>8} {fmt(m.get('out_tok_s')):>8} {fmt(m.get('prefill_tok_s')):>9} "
         f"{fmt(m.get('decode_tok_s')):>8} {fmt(row.get('peak_rss_mb'), 0):>7} "
         f"{fmt(vs.get('out_tok_s'), 2):>6} {fmt(vs.get('prefill_tok_s'), 2):>6} "
-        f"{fmt(vs.get('decode_tok_s'), 2):>6}"
-        f"  {row.get('load_before', '-')}"
+        f"{fmt(vs.get('decode_tok_s'), 2):>6} {fmt(row.get('background_cores'), 2):>5} "
+        f"{row.get('load1_before') or '-':>5}"
     )
 
 
 E2E_HEADER = (
     f"{'model':<18} {'N':>3} {'method':<9} {'wall s':>8} {'out t/s':>8} {'pre t/s':>9} {'dec t/s':>8} "
-    f"{'RSS MB':>7} {'eco/x':>6} {'pre':>6} {'dec':>6}  load before (1/5/15 min)"
+    f"{'RSS MB':>7} {'eco/x':>6} {'pre':>6} {'dec':>6} {'bg':>5} {'load1':>5}"
 )
+
+
+def worst_background(runs: list[dict[str, Any]]) -> float | None:
+    values = [r["background_cores"] for r in runs if r.get("background_cores") is not None]
+    return max(values) if values else None
 
 
 def run_e2e(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict[str, Any]:
@@ -743,13 +804,15 @@ def run_e2e(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict[str, 
                 result = spawn(method, spec, workdir, args.timeout)
                 results[method] = result
                 runs = result.get("runs") or [{}]
+                load = runs[0].get("loadavg_before") or result.get("loadavg_before_process") or ""
                 row = {
                     "model": label,
                     "prompts": n,
                     "method": method,
                     "prompt_tokens": workload.prompt_tokens,
                     "requested_output_tokens": workload.output_tokens,
-                    "load_before": runs[0].get("loadavg_before", result.get("loadavg_before_process")),
+                    "background_cores": worst_background(runs),
+                    "load1_before": load.split()[0] if load else None,
                     **{k: v for k, v in result.items() if k != "tokens"},
                 }
                 rows.append(row)
@@ -761,38 +824,50 @@ def run_e2e(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> dict[str, 
                     }
                 print(e2e_row_line(row), flush=True)
             comparisons.append(compare(label, n, results, path, args.check_requests, workload))
+    print(
+        "# eco/x, pre, dec: ecoserve's end-to-end, prefill and decode tok/s divided by this method's (>1: "
+        "ecoserve faster); bg: cores used by other processes during the timed runs (max); load1: 1-min load "
+        "average before"
+    )
     print()
     for c in comparisons:
-        for other in ("static", "cb"):
-            check = c.get(f"greedy_vs_{other}")
-            if check:
-                flipped = [d["first_mismatch"] for d in check["details"] if not d["match"]]
-                note = f" (first mismatch at token {flipped})" if flipped else ""
-                print(
-                    f"greedy check {c['model']} N={c['prompts']}: ecoserve == {other} for "
-                    f"{check['matches']}/{check['checked']} requests{note}"
-                )
+        for pair, check in c["greedy"].items():
+            flipped = [d["first_mismatch"] for d in check["details"] if not d["match"]]
+            eos_flag = any(d["eos_at_mismatch"] for d in check["details"])
+            note = f" (first mismatch at token {flipped}{'; an EOS is involved' if eos_flag else ''})"
+            print(
+                f"greedy check {c['model']} N={c['prompts']}: {pair.replace('~', ' == ')} for "
+                f"{check['matches']}/{check['checked']} requests{note if flipped else ''}"
+            )
     return {"options": options, "rows": rows, "comparisons": comparisons}
 
 
 def compare(
     label: str, n: int, results: dict[str, dict[str, Any]], path: Path, count: int, workload: Workload
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": label, "prompts": n}
-    eco = results.get("ecoserve")
-    if not eco or "error" in eco:
-        return out
-    if eco["metrics"]["output_tokens"] != workload.output_tokens:
-        out["ecoserve_token_count_mismatch"] = [eco["metrics"]["output_tokens"], workload.output_tokens]
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    out: dict[str, Any] = {
+        "model": label,
+        "prompts": n,
+        "prompt_lens": [len(p) for p in workload.prompts],
+        "max_new": workload.max_new,
+        "greedy": {},
+    }
+    for method, res in ok.items():
+        if res["metrics"]["output_tokens"] != workload.output_tokens:
+            out.setdefault("token_count_mismatch", {})[method] = res["metrics"]["output_tokens"]
     eos = eos_ids(path)
-    for other in ("static", "cb"):
-        res = results.get(other)
-        if res and "error" not in res:
-            out[f"ecoserve_vs_{other}"] = {
-                key: ratio(eco["metrics"].get(key), res["metrics"].get(key))
-                for key in ("out_tok_s", "prefill_tok_s", "decode_tok_s")
-            }
-            out[f"greedy_vs_{other}"] = compare_tokens(eco["tokens"], res["tokens"], count, eos)
+    if "ecoserve" in ok:
+        for other in ("static", "cb"):
+            if other in ok:
+                out[f"ecoserve_vs_{other}"] = {
+                    key: ratio(ok["ecoserve"]["metrics"].get(key), ok[other]["metrics"].get(key))
+                    for key in ("out_tok_s", "prefill_tok_s", "decode_tok_s")
+                }
+    # static~cb calibrates the other two: how often two HF code paths disagree at this dtype.
+    for a, b in (("ecoserve", "static"), ("ecoserve", "cb"), ("static", "cb")):
+        if a in ok and b in ok:
+            out["greedy"][f"{a}~{b}"] = compare_tokens(ok[a]["tokens"], ok[b]["tokens"], count, eos)
     return out
 
 
@@ -834,7 +909,7 @@ def run_decode_step(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> di
         verdict = "PASS" if row["passes_bar"] else "FAIL"
         print(
             f"{head} {m['ecoserve_ms']:>11.2f} {m['hf_ms']:>8.2f} {m['ratio']:>6.3f} | {verdict}"
-            f"  load {result['loadavg_before']} -> {result['loadavg_after']}",
+            f"  bg {fmt(result.get('background_cores'), 2)} cores, load {result['loadavg_before']}",
             flush=True,
         )
     return {"options": options, "rows": rows}
@@ -854,7 +929,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per method; medians are reported")
-    p.add_argument("--policy", default="nodg", help="ecoserve scheduling policy (nodg times prefill/decode)")
+    p.add_argument(
+        "--policy",
+        default="nodg",
+        help="ecoserve policy; prefill/decode tok/s come from pure steps only (most sarathi steps mix)",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="ecoserve step token budget")
     p.add_argument("--block-size", type=int, default=16, help="ecoserve KV block size")
     p.add_argument("--hf-batch-size", type=int, default=0, help="static generate sub-batch (0: one batch)")
@@ -924,6 +1003,13 @@ def main() -> None:
         else:
             body = run_e2e(args, sizes, Path(tmp))
     meta["loadavg_end"] = loadavg()
+    background = [r["background_cores"] for r in body["rows"] if r.get("background_cores") is not None]
+    meta["max_background_cores"] = max(background) if background else None
+    if background and max(background) > BACKGROUND_WARN_CORES:
+        print(
+            f"# WARNING: other processes used up to {max(background):.2f} cores during the timed runs; "
+            "on this 2-core box that makes the numbers unreliable (re-run when the machine is quiet)"
+        )
     meta["total_s"] = time.perf_counter() - started
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, **body}, indent=1) + "\n")

@@ -88,6 +88,11 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("engine shut down"))
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the engine's timestamps (arrival, first token, …) are read from."""
+        return self._clock
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._dead is None and not self._stopping
 

@@ -44,6 +44,10 @@ class RequestOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    # The request's timestamps on the clock passed to `step` (services report queue time and TTFT).
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 @dataclass
@@ -60,6 +64,9 @@ class EngineStats:
     num_steps: int
     prefill_tokens_total: int
     generation_tokens_total: int
+    # What the latest step computed (both 0 before the first step and after an empty one): its phase.
+    last_step_prefill_tokens: int = 0
+    last_step_decode_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -74,6 +81,8 @@ class _Counters:
     steps: int = 0
     prefill_tokens: int = 0  # includes tokens recomputed after preemption
     generation_tokens: int = 0
+    last_prefill_tokens: int = 0
+    last_decode_tokens: int = 0
 
 
 class LLMEngine:
@@ -177,9 +186,11 @@ class LLMEngine:
     def step(self, now: float | None = None) -> list[RequestOutput]:
         now = time.monotonic() if now is None else now
         plan = self.scheduler.schedule(now)
+        prefill_tokens = plan.num_prefill_tokens  # before postprocess turns prefills into decodes
+        self._counters.last_prefill_tokens = prefill_tokens
+        self._counters.last_decode_tokens = plan.num_tokens - prefill_tokens
         if plan.is_empty:
             return []
-        prefill_tokens = plan.num_prefill_tokens  # before postprocess turns prefills into decodes
         result = self.runner.execute(plan)
         seqs = [c.seq for c in result.sampling_chunks]
         sampled = self.sampler(result.logits, seqs)
@@ -202,6 +213,9 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_output_tokens=seq.num_output_tokens,
+                    arrival_time=seq.arrival_time,
+                    first_scheduled_time=seq.first_scheduled_time,
+                    first_token_time=seq.first_token_time,
                 )
             )
         return outputs
@@ -220,6 +234,8 @@ class LLMEngine:
             num_steps=self._counters.steps,
             prefill_tokens_total=self._counters.prefill_tokens,
             generation_tokens_total=self._counters.generation_tokens,
+            last_step_prefill_tokens=self._counters.last_prefill_tokens,
+            last_step_decode_tokens=self._counters.last_decode_tokens,
         )
 
 
