@@ -24,6 +24,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from services.infra.nats_sync import synced
 from services.instance.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from services.instance.engine.llm_engine import EngineStats, RequestOutput
 from services.instance.engine.sampling_params import ParameterError, SamplingParams
@@ -117,7 +118,7 @@ class InstanceService:
         await self._nc.subscribe(subjects.instance_requests(prefix, instance_id), cb=self._on_dispatch)
         await self._nc.subscribe(subjects.instance_abort(prefix, instance_id), cb=self._on_abort)
         await self._nc.subscribe(subjects.instance_control(prefix, instance_id), cb=self._on_control)
-        await self._nc.flush()  # subscribed at the server before anyone learns our subjects
+        await synced(self._nc)  # subscribed at the server before anyone learns our subjects
         self._reporter.start()
         self._start_registration()
         log.info("instance %s serving %s (prefix %s)", instance_id, self.model_name, prefix)
