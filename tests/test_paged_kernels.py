@@ -132,9 +132,13 @@ def test_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("head_dim", "block_size"), [(40, 5), (80, 1), (96, 32), (64, 7)])
-def test_other_shapes(impl: Impl, dtype: torch.dtype, head_dim: int, block_size: int) -> None:
-    """Head dims off the specialised paths, and block sizes that don't match the kernel's 16-row tiles."""
-    case = make_case([1, 7, 35, 70, 64], 6, 2, head_dim, dtype, block_size=block_size, seed=1)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (10, 2)])
+def test_other_shapes(
+    impl: Impl, dtype: torch.dtype, head_dim: int, block_size: int, heads: int, kv_heads: int
+) -> None:
+    """Head dims off the specialised paths, block sizes that don't match the kernel's 16-row tiles, and a
+    query group larger than the kernel's 4-head register blocks."""
+    case = make_case([1, 7, 35, 70, 64], heads, kv_heads, head_dim, dtype, block_size=block_size, seed=1)
     check(impl, case, None, dtype)
     check(impl, case, 10, dtype)
 
@@ -263,6 +267,7 @@ def tiny_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("no compiler")
     monkeypatch.setenv("ECOSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ECOSERVE_NATIVE_KERNELS", raising=False)
     source = tmp_path / "answer.c"
     source.write_text(TINY_SOURCE)
     return source
@@ -314,3 +319,16 @@ def test_native_library_loads(tiny_source: Path) -> None:
     loaded = library.get()
     assert loaded is not None and loaded.answer() == 42
     assert library.get() is loaded
+
+
+@pytest.mark.parametrize("lens", [[77], [5, 300, 17]], ids=["B1", "B3"])
+def test_kv_heads_split_across_threads(impl: Impl, lens: list[int]) -> None:
+    """With few sequences per thread the native kernel splits a sequence's kv heads across work items;
+    that path only runs with more than one thread, so this one test uses two (on tiny inputs)."""
+    case = make_case(lens, 12, 4, 64, torch.bfloat16, seed=4)
+    torch.set_num_threads(2)
+    try:
+        check(impl, case, None, torch.bfloat16)
+        check(impl, case, 30, torch.bfloat16)
+    finally:
+        torch.set_num_threads(1)

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shlex
 import subprocess
 import tempfile
@@ -66,8 +67,6 @@ def _host_cpu() -> str:
         with open("/proc/cpuinfo") as handle:
             lines = handle.read().split("\n\n", 1)[0].splitlines()
     except OSError:
-        import platform
-
         return platform.machine() + " " + platform.processor()
     return "\n".join(line for line in lines if line.startswith(("model name", "flags", "vendor_id")))
 

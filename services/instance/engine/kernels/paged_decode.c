@@ -9,13 +9,14 @@
  *                  block_tables[b][p / block_size], offset p % block_size
  *   context_lens   int32 [B]; the query sits at position context_len - 1
  *
- * One work item is a (sequence, kv head) pair: the kv head's whole query group (H / KVH heads) is processed
- * together so each K/V row is loaded once. Positions are walked in tiles of 16 (across block boundaries),
- * with an online softmax per tile: scores, fp32 accumulation and the softmax state never leave a small
- * per-thread workspace.
+ * A work item is one sequence and a range of its kv heads (all of them unless there are too few sequences
+ * to keep the threads busy): a position's rows for those heads are then one contiguous span of the pool,
+ * and each kv head's whole query group (H / KVH heads) is processed together so each K/V row is loaded
+ * once. Positions are walked in tiles of 16 (across block boundaries) with an online softmax per tile;
+ * scores, fp32 accumulators and softmax state stay in a small per-thread workspace.
  *
- * Built with plain C (no torch headers) so it compiles in about a second; an AVX-512 path is used when the
- * compiler targets it, with a portable path (vectorised through `omp simd`) for everything else.
+ * Plain C (no torch headers). An AVX-512 path is used when the compiler targets it, with a portable path
+ * (vectorised through `omp simd`) for everything else.
  */
 #include <math.h>
 #include <stddef.h>
@@ -45,6 +46,11 @@ typedef struct {
     int64_t B, H, KVH, D, block_size, max_blocks, num_blocks, window;
     float scale;
 } Args;
+
+/* One sequence's kv heads [kv0, kv0 + nkv) and their query groups. */
+typedef struct {
+    int64_t b, kv0, nkv;
+} Item;
 
 /* ---------------------------------------------------------------- scalar conversions ---------------- */
 
@@ -133,24 +139,23 @@ static ALWAYS_INLINE float exp_nonpositive(float x) {
 
 /* ---------------------------------------------------------------- walking a block table ------------- */
 
-/* Yields the element offsets (into either pool) of a sequence's K/V rows for one kv head, TILE at a time,
-   validating each block id as it is entered. */
+/* Yields the element offsets (into either pool) of a sequence's rows at head kv0, TILE positions at a
+   time, validating each block id as it is entered. */
 typedef struct {
     const int32_t *table;
     int64_t block_size, row_stride, head_offset, num_blocks;
-    int64_t pos, end;       /* next position, one past the last */
-    int64_t next_block;     /* index into table of the block after the current one */
-    int64_t row, left;      /* offset of the next row, rows left in the current block */
-    int64_t first_offset;   /* in-block offset of the first position (sliding window) */
+    int64_t pos, end;     /* next position, one past the last */
+    int64_t next_block;   /* index into table of the block after the current one */
+    int64_t row, left;    /* offset of the next row, rows left in the current block */
+    int64_t first_offset; /* in-block offset of the first position (sliding window) */
     int err;
 } Walker;
 
-static ALWAYS_INLINE void walker_init(Walker *w, const Args *a, int64_t b, int64_t kvh, int64_t start,
-                                      int64_t end) {
-    w->table = a->block_tables + b * a->max_blocks;
+static ALWAYS_INLINE void walker_init(Walker *w, const Args *a, const Item *it, int64_t start, int64_t end) {
+    w->table = a->block_tables + it->b * a->max_blocks;
     w->block_size = a->block_size;
     w->row_stride = a->KVH * a->D;
-    w->head_offset = kvh * a->D;
+    w->head_offset = it->kv0 * a->D;
     w->num_blocks = a->num_blocks;
     w->pos = start;
     w->end = end;
@@ -186,16 +191,18 @@ static ALWAYS_INLINE int walker_tile(Walker *w, int64_t *rows) {
     return n;
 }
 
-/* Pulls the next tile's K and V rows toward L1 while the current tile computes: blocks sit at random
-   places in the pool, so the hardware prefetchers can't anticipate them and the loop would stall on DRAM. */
-static ALWAYS_INLINE void prefetch_tile(const Args *a, const int64_t *rows, int n, int elem_size) {
-    const int64_t row_bytes = a->D * elem_size;
+/* Requests kv head j's K and V rows of the next tile while the current tile computes: blocks sit anywhere
+   in the pool, so the hardware prefetchers can't anticipate them. Into L2, not L1: fills to L1 are limited
+   by its few miss buffers, and on this AMD CPU prefetching to L1 gained nothing while to L2 halved the
+   time. Issued one kv head at a time, spread over the tile, rather than in one burst. */
+static ALWAYS_INLINE void prefetch_rows(const Args *a, const int64_t *rows, int n, int64_t head_off, int elem) {
+    const int64_t bytes = a->D * elem;
     for (int t = 0; t < n; t++) {
-        const char *k = (const char *)a->k_pool + rows[t] * elem_size;
-        const char *v = (const char *)a->v_pool + rows[t] * elem_size;
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(k + off, 0, 3);
-            __builtin_prefetch(v + off, 0, 3);
+        const char *k = (const char *)a->k_pool + (rows[t] + head_off) * elem;
+        const char *v = (const char *)a->v_pool + (rows[t] + head_off) * elem;
+        for (int64_t off = 0; off < bytes; off += 64) {
+            __builtin_prefetch(k + off, 0, 2);
+            __builtin_prefetch(v + off, 0, 2);
         }
     }
 }
@@ -210,11 +217,28 @@ static ALWAYS_INLINE int attended_range(const Args *a, int64_t b, int64_t *start
     return OK;
 }
 
-/* Workspace floats per thread: fp32 queries and accumulators of the group, one tile of scores, softmax
-   max and sum (the sum kept as a TILE-wide vector), and a converted row. */
-static int64_t workspace_floats(const Args *a) {
-    const int64_t G = a->H / a->KVH;
-    return 2 * G * a->D + G * TILE + G + G * TILE + a->D;
+/* Per-thread workspace, for up to all H query heads of a sequence. */
+typedef struct {
+    float *q;   /* [H][D] fp32 queries */
+    float *acc; /* [H][D] fp32 output accumulators */
+    float *p;   /* [H][TILE] scores, then probabilities, of the current tile */
+    float *m;   /* [H] running max */
+    float *l;   /* [H][TILE] running softmax denominators (lane-wise; summed at the end) */
+    float *row; /* [D] a converted K or V row (portable path) */
+} Workspace;
+
+static float *workspace_alloc(const Args *a, Workspace *ws) {
+    const int64_t H = a->H, D = a->D;
+    const size_t floats = (size_t)(2 * H * D + 2 * H * TILE + H + D);
+    float *base = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) & ~(size_t)63);
+    if (!base) return NULL;
+    ws->q = base;
+    ws->acc = ws->q + H * D;
+    ws->p = ws->acc + H * D;
+    ws->l = ws->p + H * TILE;
+    ws->m = ws->l + H * TILE;
+    ws->row = ws->m + H;
+    return base;
 }
 
 /* ---------------------------------------------------------------- portable path --------------------- */
@@ -224,82 +248,82 @@ static ALWAYS_INLINE void load_row(float *restrict dst, const void *base, int64_
     for (int64_t d = 0; d < D; d++) dst[d] = load_one(base, offset + d, dt);
 }
 
-static ALWAYS_INLINE int item_portable(const Args *a, int64_t b, int64_t kvh, float *ws, int dt) {
-    const int64_t G = a->H / a->KVH, D = a->D;
-    float *restrict qf = ws;
-    float *restrict acc = qf + G * D;
-    float *restrict s = acc + G * D; /* [G][TILE] scores, then probabilities */
-    float *restrict m = s + G * TILE;
-    float *restrict l = m + G;
-    float *restrict row = l + G * TILE;
+static ALWAYS_INLINE int item_portable(const Args *a, const Item *it, const Workspace *ws, int dt) {
+    const int64_t G = a->H / a->KVH, D = a->D, HI = it->nkv * G;
+    float *restrict qf = ws->q, *restrict acc = ws->acc, *restrict s = ws->p, *restrict m = ws->m;
+    float *restrict l = ws->l, *restrict row = ws->row;
     int64_t tiles[2][TILE], start, end;
-    int err = attended_range(a, b, &start, &end);
+    const int err = attended_range(a, it->b, &start, &end);
     if (err) return err;
 
-    const int64_t q_offset = (b * a->H + kvh * G) * D;
-    for (int64_t g = 0; g < G; g++) {
-        load_row(qf + g * D, a->q, q_offset + g * D, D, dt);
-        memset(acc + g * D, 0, (size_t)D * sizeof(float));
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
+    const int64_t q_offset = (it->b * a->H + it->kv0 * G) * D;
+    for (int64_t h = 0; h < HI; h++) {
+        load_row(qf + h * D, a->q, q_offset + h * D, D, dt);
+        memset(acc + h * D, 0, (size_t)D * sizeof(float));
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
     }
 
     Walker w;
-    walker_init(&w, a, b, kvh, start, end);
+    walker_init(&w, a, it, start, end);
     int n = walker_tile(&w, tiles[0]);
     for (int cur = 0; n > 0; cur ^= 1) {
         const int64_t *rows = tiles[cur];
         const int n_next = walker_tile(&w, tiles[cur ^ 1]);
-        prefetch_tile(a, tiles[cur ^ 1], n_next, dt == DT_F32 ? 4 : 2);
-        for (int t = 0; t < n; t++) {
-            load_row(row, a->k_pool, rows[t], D, dt);
-            for (int64_t g = 0; g < G; g++) {
-                const float *restrict qg = qf + g * D;
-                float dot = 0.0f;
+        for (int64_t j = 0; j < it->nkv; j++) {
+            prefetch_rows(a, tiles[cur ^ 1], n_next, j * D, dt == DT_F32 ? 4 : 2);
+            for (int t = 0; t < n; t++) {
+                load_row(row, a->k_pool, rows[t] + j * D, D, dt);
+                for (int64_t g = 0; g < G; g++) {
+                    const float *restrict qh = qf + (j * G + g) * D;
+                    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * row[d];
-                s[g * TILE + t] = dot * a->scale;
+                    for (int64_t d = 0; d < D; d++) dot += qh[d] * row[d];
+                    s[(j * G + g) * TILE + t] = dot * a->scale;
+                }
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            float *restrict sg = s + g * TILE;
-            float tile_max = sg[0];
-            for (int t = 1; t < n; t++) tile_max = sg[t] > tile_max ? sg[t] : tile_max;
-            if (tile_max > m[g]) {
+        for (int64_t h = 0; h < HI; h++) {
+            float *restrict sh = s + h * TILE;
+            float tile_max = sh[0];
+            for (int t = 1; t < n; t++) tile_max = sh[t] > tile_max ? sh[t] : tile_max;
+            if (tile_max > m[h]) {
                 /* a new running max: rescale what was accumulated against the old one */
-                if (m[g] != -INFINITY) {
-                    const float alpha = expf(m[g] - tile_max);
-                    l[g] *= alpha;
+                if (m[h] != -INFINITY) {
+                    const float alpha = expf(m[h] - tile_max);
+                    l[h] *= alpha;
 #pragma omp simd
-                    for (int64_t d = 0; d < D; d++) acc[g * D + d] *= alpha;
+                    for (int64_t d = 0; d < D; d++) acc[h * D + d] *= alpha;
                 }
-                m[g] = tile_max;
+                m[h] = tile_max;
             }
-            const float mg = m[g];
+            const float mh = m[h];
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int t = 0; t < n; t++) {
-                sg[t] = exp_nonpositive(sg[t] - mg);
-                sum += sg[t];
+                sh[t] = exp_nonpositive(sh[t] - mh);
+                sum += sh[t];
             }
-            l[g] += sum;
+            l[h] += sum;
         }
-        for (int t = 0; t < n; t++) {
-            load_row(row, a->v_pool, rows[t], D, dt);
-            for (int64_t g = 0; g < G; g++) {
-                const float p = s[g * TILE + t];
-                float *restrict ag = acc + g * D;
+        for (int64_t j = 0; j < it->nkv; j++) {
+            for (int t = 0; t < n; t++) {
+                load_row(row, a->v_pool, rows[t] + j * D, D, dt);
+                for (int64_t g = 0; g < G; g++) {
+                    const float p = s[(j * G + g) * TILE + t];
+                    float *restrict ah = acc + (j * G + g) * D;
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) ag[d] += p * row[d];
+                    for (int64_t d = 0; d < D; d++) ah[d] += p * row[d];
+                }
             }
         }
         n = n_next;
     }
     if (w.err) return w.err;
 
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = 1.0f / l[g];
-        for (int64_t d = 0; d < D; d++) store_one(a->out, q_offset + g * D + d, acc[g * D + d] * inv, dt);
+    for (int64_t h = 0; h < HI; h++) {
+        const float inv = 1.0f / l[h];
+        for (int64_t d = 0; d < D; d++) store_one(a->out, q_offset + h * D + d, acc[h * D + d] * inv, dt);
     }
     return OK;
 }
@@ -307,6 +331,7 @@ static ALWAYS_INLINE int item_portable(const Args *a, int64_t b, int64_t kvh, fl
 /* ---------------------------------------------------------------- AVX-512 path ---------------------- */
 #ifdef __AVX512F__
 
+/* Values [i, i + 16) of a row as fp32; bf16 widens exactly by a shift into the high half. */
 static ALWAYS_INLINE __m512 load16(const void *base, int64_t i, int dt) {
     if (dt == DT_F32) return _mm512_loadu_ps((const float *)base + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
@@ -335,64 +360,69 @@ static ALWAYS_INLINE __m512 exp512_nonpositive(__m512 x) {
 static ALWAYS_INLINE __m512 hsum16_permuted(const __m512 *v) {
     __m512 h8[8], h4[4], h2[2];
     for (int i = 0; i < 8; i++)
-        h8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+        h8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44),
+                              _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
     for (int i = 0; i < 4; i++)
         h4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h8[i], h8[i + 4], 0x88),
                               _mm512_shuffle_f32x4(h8[i], h8[i + 4], 0xDD));
     for (int i = 0; i < 2; i++)
-        h2[i] = _mm512_add_ps(_mm512_shuffle_ps(h4[i], h4[i + 2], 0x44), _mm512_shuffle_ps(h4[i], h4[i + 2], 0xEE));
+        h2[i] = _mm512_add_ps(_mm512_shuffle_ps(h4[i], h4[i + 2], 0x44),
+                              _mm512_shuffle_ps(h4[i], h4[i + 2], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_ps(h2[0], h2[1], 0x88), _mm512_shuffle_ps(h2[0], h2[1], 0xDD));
 }
 
-/* sigma is its own inverse, so permuting the tree's output by it puts score t in lane t. */
+/* sigma is its own inverse, so permuting the tree's output by it puts sum t in lane t. */
 static ALWAYS_INLINE __m512 hsum16(const __m512 *v) {
     const __m512i sigma = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
     return _mm512_permutexvar_ps(sigma, hsum16_permuted(v));
 }
 
-/* Unscaled q.k for the n (<= 16) rows of a tile, one query head, as lane t = row t. */
-static ALWAYS_INLINE __m512 tile_scores(const void *k_pool, const int64_t *rows, int n, const void *q,
-                                        int64_t q_offset, const float *qf, int64_t D, int dt) {
-    __m512 part[TILE];
+/* Lane-wise partial sums of q.k for one K row at element offset r. */
+static ALWAYS_INLINE __m512 row_dot(const void *k_pool, int64_t r, const uint16_t *qh, const float *qf, int64_t D,
+                                    int dt) {
+    __m512 acc = _mm512_setzero_ps();
 #if defined(__AVX512BF16__)
     if (dt == DT_BF16 && D % 32 == 0) {
-        /* bf16 x bf16 products are exact in fp32: dot-product the raw pairs, 32 elements an instruction */
-        const uint16_t *qh = (const uint16_t *)q + q_offset;
-#pragma GCC unroll 16
-        for (int t = 0; t < TILE; t++) {
-            __m512 acc = _mm512_setzero_ps();
-            if (t < n) {
-                const uint16_t *kr = (const uint16_t *)k_pool + rows[t];
-                for (int64_t c = 0; c < D; c += 32)
-                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + c),
-                                           (__m512bh)_mm512_loadu_si512(qh + c));
-            }
-            part[t] = acc;
-        }
-        return hsum16(part);
+        /* bf16 x bf16 products are exact in fp32: dot the raw pairs, 32 values an instruction, no widening */
+        for (int64_t c = 0; c < D; c += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const uint16_t *)k_pool + r + c),
+                                   (__m512bh)_mm512_loadu_si512(qh + c));
+        return acc;
     }
 #endif
-    (void)q;
-    (void)q_offset;
+    (void)qh;
+    for (int64_t c = 0; c < D; c += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c), load16(k_pool, r + c, dt), acc);
+    return acc;
+}
+
+/* Unscaled q.k of one query head with the n (<= 16) rows of a tile: lane t = row t. Unrolled (so the 16
+   partial sums stay in registers) only where D is a constant: 8% faster there, and unrolling the
+   runtime-D instances would double the compile time. */
+static ALWAYS_INLINE __m512 tile_scores(const void *k_pool, const int64_t *rows, int n, int64_t head_off,
+                                        const uint16_t *qh, const float *qf, int64_t D, int dt, int unroll) {
+    __m512 part[TILE];
+    if (unroll) {
 #pragma GCC unroll 16
-    for (int t = 0; t < TILE; t++) {
-        __m512 acc = _mm512_setzero_ps();
-        if (t < n)
-            for (int64_t c = 0; c < D; c += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c), load16(k_pool, rows[t] + c, dt), acc);
-        part[t] = acc;
+        for (int t = 0; t < TILE; t++)
+            part[t] = t < n ? row_dot(k_pool, rows[t] + head_off, qh, qf, D, dt) : _mm512_setzero_ps();
+    } else {
+        for (int t = 0; t < TILE; t++)
+            part[t] = t < n ? row_dot(k_pool, rows[t] + head_off, qh, qf, D, dt) : _mm512_setzero_ps();
     }
     return hsum16(part);
 }
 
-/* acc[g0..g0+HB) x dims [c0, c0 + 16*CB) += p . V over the tile, all accumulators held in registers. */
+/* acc[g0, g0 + HB) x dims [c0, c0 + 16 CB) += p . V over the tile, accumulators held in registers. */
 static ALWAYS_INLINE void tile_pv(float *acc, const float *p, const void *v_pool, const int64_t *rows, int n,
-                                  int64_t g0, int64_t c0, int64_t D, int dt, const int HB, const int CB) {
+                                  int64_t head_off, int64_t g0, int64_t c0, int64_t D, int dt, const int HB,
+                                  const int CB) {
     __m512 o[4][4], v[4];
     for (int h = 0; h < HB; h++)
         for (int c = 0; c < CB; c++) o[h][c] = _mm512_loadu_ps(acc + (g0 + h) * D + c0 + 16 * c);
     for (int t = 0; t < n; t++) {
-        for (int c = 0; c < CB; c++) v[c] = load16(v_pool, rows[t] + c0 + 16 * c, dt);
+        const int64_t r = rows[t] + head_off + c0;
+        for (int c = 0; c < CB; c++) v[c] = load16(v_pool, r + 16 * c, dt);
         for (int h = 0; h < HB; h++) {
             const __m512 ph = _mm512_set1_ps(p[(g0 + h) * TILE + t]);
             for (int c = 0; c < CB; c++) o[h][c] = _mm512_fmadd_ps(ph, v[c], o[h][c]);
@@ -402,15 +432,15 @@ static ALWAYS_INLINE void tile_pv(float *acc, const float *p, const void *v_pool
         for (int c = 0; c < CB; c++) _mm512_storeu_ps(acc + (g0 + h) * D + c0 + 16 * c, o[h][c]);
 }
 
-#define PV_CASE(hb, cb)                                                    \
-    case (hb) * 8 + (cb):                                                  \
-        tile_pv(acc, p, v_pool, rows, n, g0, c0, D, dt, (hb), (cb));       \
+#define PV_CASE(hb, cb)                                                                        \
+    case (hb) * 8 + (cb):                                                                      \
+        tile_pv(acc, p, v_pool, rows, n, head_off, g0, c0, D, dt, (hb), (cb));                 \
         break;
 
-/* acc += p . V for a whole tile: register-blocked tile_pv over up to 4 heads x 64 dims at a time. Not
-   inlined, and specialised per dtype only (not per head dim), to keep the compile short. */
-static ALWAYS_INLINE void tile_pv_all(float *acc, const float *p, const void *v_pool, const int64_t *rows, int n,
-                                      int64_t G, int64_t D, int dt) {
+/* acc += p . V for one kv head's query group over a whole tile, in blocks of up to 4 heads x 64 dims.
+   Instantiated per dtype only (not per head dim) and not inlined, to keep the compile short. */
+static ALWAYS_INLINE void group_pv(float *acc, const float *p, const void *v_pool, const int64_t *rows, int n,
+                                   int64_t head_off, int64_t G, int64_t D, int dt) {
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
         const int hb = G - g0 < 4 ? (int)(G - g0) : 4;
         for (int64_t c0 = 0; c0 < D; c0 += 64) {
@@ -426,77 +456,81 @@ static ALWAYS_INLINE void tile_pv_all(float *acc, const float *p, const void *v_
     }
 }
 
-#define PV_FOR_DTYPE(name, dt)                                                                              \
-    static __attribute__((noinline)) void name(float *acc, const float *p, const void *v_pool,              \
-                                               const int64_t *rows, int n, int64_t G, int64_t D) {          \
-        tile_pv_all(acc, p, v_pool, rows, n, G, D, dt);                                                     \
+#define GROUP_PV_FOR(name, dt)                                                                            \
+    static __attribute__((noinline)) void name(float *acc, const float *p, const void *v_pool,            \
+                                               const int64_t *rows, int n, int64_t head_off, int64_t G,   \
+                                               int64_t D) {                                               \
+        group_pv(acc, p, v_pool, rows, n, head_off, G, D, dt);                                            \
     }
-PV_FOR_DTYPE(tile_pv_f32, DT_F32)
-PV_FOR_DTYPE(tile_pv_bf16, DT_BF16)
-PV_FOR_DTYPE(tile_pv_f16, DT_F16)
+GROUP_PV_FOR(group_pv_f32, DT_F32)
+GROUP_PV_FOR(group_pv_f16, DT_F16)
+GROUP_PV_FOR(group_pv_bf16, DT_BF16)
 
-/* D is a multiple of 16; callers pass a constant D where they can so loops over it fully unroll. */
-static ALWAYS_INLINE int item_avx512(const Args *a, int64_t b, int64_t kvh, float *ws, int dt, const int64_t D) {
-    const int64_t G = a->H / a->KVH;
-    float *qf = ws;
-    float *acc = qf + G * D;
-    float *p = acc + G * D; /* [G][TILE] probabilities of the current tile */
-    float *m = p + G * TILE;
-    float *l = m + G; /* [G][TILE] running softmax denominators, summed across lanes at the end */
+/* D is a multiple of 16; `constant_d` says the caller passes a literal D, so loops over it can unroll. */
+static ALWAYS_INLINE int item_avx512(const Args *a, const Item *it, const Workspace *ws, int dt, const int64_t D,
+                                     int constant_d) {
+    const int64_t G = a->H / a->KVH, HI = it->nkv * G;
+    float *qf = ws->q, *acc = ws->acc, *p = ws->p, *m = ws->m, *l = ws->l;
     int64_t tiles[2][TILE], start, end;
-    int err = attended_range(a, b, &start, &end);
+    const int err = attended_range(a, it->b, &start, &end);
     if (err) return err;
 
-    const int64_t q_offset = (b * a->H + kvh * G) * D;
+    const int64_t q_offset = (it->b * a->H + it->kv0 * G) * D;
+    const uint16_t *qh = (const uint16_t *)a->q + q_offset; /* the raw queries, read only by dpbf16 */
     const __m512 scale = _mm512_set1_ps(a->scale);
-    for (int64_t g = 0; g < G; g++) {
+    for (int64_t h = 0; h < HI; h++) {
         for (int64_t c = 0; c < D; c += 16) {
-            _mm512_storeu_ps(qf + g * D + c, load16(a->q, q_offset + g * D + c, dt));
-            _mm512_storeu_ps(acc + g * D + c, _mm512_setzero_ps());
+            _mm512_storeu_ps(qf + h * D + c, load16(a->q, q_offset + h * D + c, dt));
+            _mm512_storeu_ps(acc + h * D + c, _mm512_setzero_ps());
         }
-        m[g] = -INFINITY;
-        _mm512_storeu_ps(l + g * TILE, _mm512_setzero_ps());
+        m[h] = -INFINITY;
+        _mm512_storeu_ps(l + h * TILE, _mm512_setzero_ps());
     }
 
     Walker w;
-    walker_init(&w, a, b, kvh, start, end);
+    walker_init(&w, a, it, start, end);
     int n = walker_tile(&w, tiles[0]);
     for (int cur = 0; n > 0; cur ^= 1) {
         const int64_t *rows = tiles[cur];
         const int n_next = walker_tile(&w, tiles[cur ^ 1]);
-        prefetch_tile(a, tiles[cur ^ 1], n_next, dt == DT_F32 ? 4 : 2);
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
-        for (int64_t g = 0; g < G; g++) {
-            __m512 s = tile_scores(a->k_pool, rows, n, a->q, q_offset + g * D, qf + g * D, D, dt);
-            s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), valid, s, scale);
-            const float tile_max = _mm512_reduce_max_ps(s);
-            if (tile_max > m[g]) {
-                /* a new running max: rescale what was accumulated against the old one */
-                if (m[g] != -INFINITY) {
-                    const __m512 alpha = _mm512_set1_ps(expf(m[g] - tile_max));
-                    for (int64_t c = 0; c < D; c += 16)
-                        _mm512_storeu_ps(acc + g * D + c, _mm512_mul_ps(alpha, _mm512_loadu_ps(acc + g * D + c)));
-                    _mm512_storeu_ps(l + g * TILE, _mm512_mul_ps(alpha, _mm512_loadu_ps(l + g * TILE)));
+        for (int64_t j = 0; j < it->nkv; j++) {
+            prefetch_rows(a, tiles[cur ^ 1], n_next, j * D, dt == DT_F32 ? 4 : 2);
+            for (int64_t h = j * G; h < (j + 1) * G; h++) {
+                __m512 s = tile_scores(a->k_pool, rows, n, j * D, qh + h * D, qf + h * D, D, dt, constant_d);
+                s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), valid, s, scale);
+                const float tile_max = _mm512_reduce_max_ps(s);
+                if (tile_max > m[h]) {
+                    /* a new running max: rescale what was accumulated against the old one */
+                    if (m[h] != -INFINITY) {
+                        const __m512 alpha = _mm512_set1_ps(expf(m[h] - tile_max));
+                        for (float *x = acc + h * D; x < acc + (h + 1) * D; x += 16)
+                            _mm512_storeu_ps(x, _mm512_mul_ps(alpha, _mm512_loadu_ps(x)));
+                        _mm512_storeu_ps(l + h * TILE, _mm512_mul_ps(alpha, _mm512_loadu_ps(l + h * TILE)));
+                    }
+                    m[h] = tile_max;
                 }
-                m[g] = tile_max;
+                const __m512 e = exp512_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(m[h])));
+                const __m512 ph = _mm512_maskz_mov_ps(valid, e); /* exactly 0 past the tile's end */
+                _mm512_storeu_ps(p + h * TILE, ph);
+                _mm512_storeu_ps(l + h * TILE, _mm512_add_ps(ph, _mm512_loadu_ps(l + h * TILE)));
             }
-            const __m512 pg = _mm512_maskz_mov_ps(valid, exp512_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
-            _mm512_storeu_ps(p + g * TILE, pg);
-            _mm512_storeu_ps(l + g * TILE, _mm512_add_ps(pg, _mm512_loadu_ps(l + g * TILE)));
+            float *acc_j = acc + j * G * D;
+            const float *p_j = p + j * G * TILE;
+            if (dt == DT_F32)
+                group_pv_f32(acc_j, p_j, a->v_pool, rows, n, j * D, G, D);
+            else if (dt == DT_F16)
+                group_pv_f16(acc_j, p_j, a->v_pool, rows, n, j * D, G, D);
+            else
+                group_pv_bf16(acc_j, p_j, a->v_pool, rows, n, j * D, G, D);
         }
-        if (dt == DT_F32)
-            tile_pv_f32(acc, p, a->v_pool, rows, n, G, D);
-        else if (dt == DT_BF16)
-            tile_pv_bf16(acc, p, a->v_pool, rows, n, G, D);
-        else
-            tile_pv_f16(acc, p, a->v_pool, rows, n, G, D);
         n = n_next;
     }
     if (w.err) return w.err;
 
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(l + g * TILE));
-        for (int64_t d = 0; d < D; d++) store_one(a->out, q_offset + g * D + d, acc[g * D + d] * inv, dt);
+    for (int64_t h = 0; h < HI; h++) {
+        const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(l + h * TILE));
+        for (int64_t d = 0; d < D; d++) store_one(a->out, q_offset + h * D + d, acc[h * D + d] * inv, dt);
     }
     return OK;
 }
@@ -504,55 +538,46 @@ static ALWAYS_INLINE int item_avx512(const Args *a, int64_t b, int64_t kvh, floa
 
 /* ---------------------------------------------------------------- dispatch and threading ------------ */
 
-/* Specialise per dtype (and, on AVX-512, the common head dims) so inner loops have constant bounds. */
-static int run_item(const Args *a, int dtype, int64_t item, float *ws) {
-    const int64_t b = item / a->KVH, kvh = item % a->KVH;
+/* Specialised per dtype, and for fp32/bf16 (the usual model dtypes) also for the common head dims, so the
+   hot loops have constant bounds. Every instance costs compile time, hence no more of them. */
+static int run_item(const Args *a, int dtype, const Item *it, const Workspace *ws) {
 #ifdef __AVX512F__
-    if (a->D == 64) {
-        switch (dtype) {
-            case DT_F32: return item_avx512(a, b, kvh, ws, DT_F32, 64);
-            case DT_BF16: return item_avx512(a, b, kvh, ws, DT_BF16, 64);
-            default: return item_avx512(a, b, kvh, ws, DT_F16, 64);
-        }
-    }
-    if (a->D == 128) {
-        switch (dtype) {
-            case DT_F32: return item_avx512(a, b, kvh, ws, DT_F32, 128);
-            case DT_BF16: return item_avx512(a, b, kvh, ws, DT_BF16, 128);
-            default: return item_avx512(a, b, kvh, ws, DT_F16, 128);
-        }
-    }
+    if (a->D == 64 && dtype == DT_BF16) return item_avx512(a, it, ws, DT_BF16, 64, 1);
+    if (a->D == 64 && dtype == DT_F32) return item_avx512(a, it, ws, DT_F32, 64, 1);
+    if (a->D == 128 && dtype == DT_BF16) return item_avx512(a, it, ws, DT_BF16, 128, 1);
+    if (a->D == 128 && dtype == DT_F32) return item_avx512(a, it, ws, DT_F32, 128, 1);
     if (a->D % 16 == 0) {
         switch (dtype) {
-            case DT_F32: return item_avx512(a, b, kvh, ws, DT_F32, a->D);
-            case DT_BF16: return item_avx512(a, b, kvh, ws, DT_BF16, a->D);
-            default: return item_avx512(a, b, kvh, ws, DT_F16, a->D);
+            case DT_F32: return item_avx512(a, it, ws, DT_F32, a->D, 0);
+            case DT_BF16: return item_avx512(a, it, ws, DT_BF16, a->D, 0);
+            default: return item_avx512(a, it, ws, DT_F16, a->D, 0);
         }
     }
 #endif
     switch (dtype) {
-        case DT_F32: return item_portable(a, b, kvh, ws, DT_F32);
-        case DT_BF16: return item_portable(a, b, kvh, ws, DT_BF16);
-        default: return item_portable(a, b, kvh, ws, DT_F16);
+        case DT_F32: return item_portable(a, it, ws, DT_F32);
+        case DT_BF16: return item_portable(a, it, ws, DT_BF16);
+        default: return item_portable(a, it, ws, DT_F16);
     }
 }
 
-static float *workspace_alloc(const Args *a) {
-    const size_t bytes = ((size_t)workspace_floats(a) * sizeof(float) + 63) & ~(size_t)63;
-    return (float *)aligned_alloc(64, bytes);
+/* Whole sequences per item read each position's rows for every kv head as one contiguous span; the kv
+   heads are split across items only when there are too few sequences for ~4 items per thread. */
+static int64_t kv_heads_per_item(int64_t B, int64_t KVH, int threads) {
+    if (threads <= 1) return KVH;
+    int64_t splits = (4 * threads + B - 1) / B;
+    if (splits > KVH) splits = KVH;
+    return (KVH + splits - 1) / splits;
 }
 
-/* Runs items [0, count) on this thread; returns the first error and the sequence it happened in. */
-static int run_items_serial(const Args *a, int dtype, int64_t count, int64_t *err_seq) {
-    float *ws = workspace_alloc(a);
-    if (!ws) return ERR_NO_MEMORY;
-    int status = OK;
-    for (int64_t i = 0; i < count && status == OK; i++) {
-        status = run_item(a, dtype, i, ws);
-        if (status) *err_seq = i / a->KVH;
-    }
-    free(ws);
-    return status;
+typedef struct {
+    int64_t per_item, per_seq, count;
+} Partition;
+
+static ALWAYS_INLINE Item item_at(const Args *a, const Partition *part, int64_t i) {
+    Item it = {i / part->per_seq, (i % part->per_seq) * part->per_item, part->per_item};
+    if (it.kv0 + it.nkv > a->KVH) it.nkv = a->KVH - it.kv0;
+    return it;
 }
 
 /*
@@ -567,39 +592,51 @@ int paged_decode_attention(const void *q, const void *k_pool, const void *v_pool
                            int64_t sliding_window, int dtype_code, int num_threads, int64_t *err_seq) {
     const Args a = {q, k_pool, v_pool, block_tables, context_lens, out, B, H, KVH, D,
                     block_size, max_blocks_per_seq, num_blocks, sliding_window, scale};
-    const int64_t count = B * KVH;
     *err_seq = -1;
-    if (count == 0) return OK;
+    if (B <= 0 || KVH <= 0) return OK;
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    Partition part;
+    part.per_item = kv_heads_per_item(B, KVH, threads);
+    part.per_seq = (KVH + part.per_item - 1) / part.per_item;
+    part.count = B * part.per_seq;
+    int status = OK;
 #ifdef _OPENMP
-    if (num_threads > 1 && count > 1) {
-        int status = OK;
-        const int threads = count < num_threads ? (int)count : num_threads;
-#pragma omp parallel num_threads(threads)
+    if (threads > 1 && part.count > 1) {
+#pragma omp parallel num_threads(part.count < threads ? (int)part.count : threads)
         {
-            float *ws = workspace_alloc(&a);
-            if (!ws) {
+            Workspace ws;
+            float *mem = workspace_alloc(&a, &ws);
+            if (!mem) {
 #pragma omp critical(paged_decode_error)
                 status = ERR_NO_MEMORY;
             }
             /* dynamic: context lengths are ragged, so equal item counts are not equal work */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < count; i++) {
-                if (!ws) continue;
-                const int r = run_item(&a, dtype_code, i, ws);
+            for (int64_t i = 0; i < part.count; i++) {
+                if (!mem) continue;
+                const Item it = item_at(&a, &part, i);
+                const int r = run_item(&a, dtype_code, &it, &ws);
                 if (r) {
 #pragma omp critical(paged_decode_error)
                     {
                         status = r;
-                        *err_seq = i / KVH;
+                        *err_seq = it.b;
                     }
                 }
             }
-            free(ws);
+            free(mem);
         }
         return status;
     }
-#else
-    (void)num_threads;
 #endif
-    return run_items_serial(&a, dtype_code, count, err_seq);
+    Workspace ws;
+    float *mem = workspace_alloc(&a, &ws);
+    if (!mem) return ERR_NO_MEMORY;
+    for (int64_t i = 0; i < part.count && status == OK; i++) {
+        const Item it = item_at(&a, &part, i);
+        status = run_item(&a, dtype_code, &it, &ws);
+        if (status) *err_seq = it.b;
+    }
+    free(mem);
+    return status;
 }
