@@ -36,9 +36,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, block_size, geometry.num_kv_heads, geometry.head_dim)
-        # zeros, not empty: unwritten slots are never read, but zeros keep a bug from reading NaNs silently
-        self.k = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(geometry.num_layers)]
-        self.v = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(geometry.num_layers)]
+        # empty, not zeros: attention reads only slots it wrote, and untouched pages of a large budget are
+        # never faulted in, so start-up is instant and RSS grows with what is actually used.
+        self.k = [torch.empty(shape, dtype=geometry.dtype, device=device) for _ in range(geometry.num_layers)]
+        self.v = [torch.empty(shape, dtype=geometry.dtype, device=device) for _ in range(geometry.num_layers)]
 
     @property
     def num_bytes(self) -> int:
