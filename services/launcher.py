@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,15 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _port_if_free(port: int) -> int | None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return None  # taken: the embedded server picks a random free port
+    return port
+
+
 def _int(value: str | None) -> int | None:
     return int(value) if value else None
 
@@ -210,12 +220,13 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         nats_url, redis_url = args.nats_url, args.redis_url
+        # The standard ports when free, so `ecoserve admin` and redis-cli find them without flags.
         if not nats_url:
-            server = start_nats()
+            server = start_nats(_port_if_free(4222))
             cluster.servers.append(server)
             nats_url = server.url
         if not redis_url:
-            server = start_redis()
+            server = start_redis(_port_if_free(6379))
             cluster.servers.append(server)
             redis_url = server.url
         log.info("NATS %s, Redis %s", nats_url, redis_url)
@@ -231,6 +242,7 @@ def run_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(json.dumps({"url": url, "nats_url": nats_url, "redis_url": redis_url}), flush=True)
+        print(f"admin: ecoserve admin --nats-url {nats_url} --prefix {args.prefix} status", flush=True)
         while stop["signal"] is None:
             dead = [c for c in cluster.children if c.exited is not None]
             if dead:

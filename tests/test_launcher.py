@@ -1,0 +1,67 @@
+"""`ecoserve up`: everything starts from embedded defaults, serves a completion, and Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+from cluster_support import free_port
+
+
+def test_up_serves_and_stops_cleanly_on_ctrl_c(tiny_models, tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes it until the end of the test
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--model",
+            str(tiny_models["llama"]),
+            "--dtype",
+            "float32",
+            "--port",
+            str(port),
+            "--instances",
+            "1",
+            "--threads-per-instance",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=env,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        info = None
+        while time.monotonic() < deadline and info is None:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, (tmp_path / "up.log").read_text()
+            if line.startswith("{"):
+                info = json.loads(line)
+        assert info is not None and info["url"] == f"http://127.0.0.1:{port}"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 5, "nats, redis, coordinator, instance, router"
+        body = json.dumps({"model": tiny_models["llama"].name, "prompt": "x = ", "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"{info['url']}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            result = json.load(response)
+        assert result["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 0, (tmp_path / "up.log").read_text()
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], (
+        "left processes"
+    )
