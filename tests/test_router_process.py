@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.instance.models.loader import DEFAULT_MODEL_ALIASES as LOADER_ALIASES
+from services.instance.models.smollm2 import default_model_path
 from services.router.served_model import DEFAULT_MODEL_ALIASES, build_served_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +30,7 @@ def test_default_model_aliases_match_the_loader() -> None:
 
 @pytest.mark.slow
 def test_the_default_model_alias_resolves_in_a_child_process() -> None:
-    folder = Path.home() / ".cache" / "ecoserve" / "models" / "smollm2-135m-instruct-bf16"
-    if not (folder / "config.json").is_file():
-        pytest.skip("the default model has not been converted on this machine (the first use takes minutes)")
+    folder = default_model_path("bf16")  # converts on first use, in whatever cache dir is configured
     model = build_served_model("smollm2")
     assert Path(model.root) == folder and model.name == folder.name
     assert model.matches("smollm2") and model.matches(str(folder)) and not model.matches("other")
