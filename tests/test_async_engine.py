@@ -160,3 +160,33 @@ async def test_shutdown_fails_open_streams(model):
     with pytest.raises(EngineDeadError):
         async for _ in stream:
             pass
+
+
+async def test_a_policy_holding_requests_back_does_not_spin_the_engine_thread(model):
+    from services.instance.engine.policies import SarathiPolicy
+    from services.instance.engine.scheduler import SchedulerOutput
+
+    class HoldEverything:
+        name = "hold"
+        calls = 0
+
+        def schedule(self, scheduler, now):
+            HoldEverything.calls += 1
+            return SchedulerOutput()
+
+    engine = AsyncEngine(engine_of(model))
+    engine.engine.scheduler.policy = HoldEverything()
+    engine.start()
+    try:
+        stream = engine.add_request("a", PROMPTS[0], greedy(3))
+        await asyncio.sleep(0.5)
+        assert HoldEverything.calls < 40, f"{HoldEverything.calls} empty steps in 0.5 s: the thread spins"
+
+        def release(e: LLMEngine) -> None:
+            e.scheduler.policy = SarathiPolicy()
+
+        await engine.call(release)
+        toks, _ = await asyncio.wait_for(collect(stream), 30)
+        assert len(toks) == 3
+    finally:
+        await engine.shutdown()

@@ -21,6 +21,8 @@ from services.instance.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+IDLE_RECHECK_SECONDS = 0.05
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (crashed or shut down); its requests cannot complete."""
@@ -175,7 +177,13 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = engine.step(self._clock())
-                self._publish(outputs, engine.stats())
+                stats = engine.stats()
+                self._publish(outputs, stats)
+                if stats.last_step_prefill_tokens + stats.last_step_decode_tokens == 0:
+                    # The policy holds every request back (a closed PaDG window): sleep until a command
+                    # can change that, with a short timeout in case the policy's decision depends on time.
+                    self._wake.wait(timeout=IDLE_RECHECK_SECONDS)
+                    self._wake.clear()
         except BaseException as exc:  # the loop must learn that nothing will complete
             log.exception("engine thread crashed")
             self._dead = exc
