@@ -132,6 +132,7 @@ PASSTHROUGH = {
     "coordinator": ("services.coordinator.__main__", "run the coordinator service"),
     "router": ("services.router.__main__", "run the HTTP router"),
     "admin": ("services.coordinator.admin_cli", "admin commands over NATS (status, drain, config, ...)"),
+    "bench": ("services.bench.__main__", "goodput benchmark against any OpenAI-compatible server"),
 }
 
 
