@@ -481,6 +481,28 @@ async def test_context_length_comes_from_the_instances_table(
     assert status == 400 and body["error"]["param"] == "max_tokens" and "32" in body["error"]["message"]
 
 
+async def test_requests_do_not_wait_for_redis_once_the_table_is_known(
+    monkeypatch, config, tokenizer, http, cluster, redis_client
+):
+    # An expired table still answers the request at once (a background read refreshes it), so no request
+    # pays a Redis round trip in its TTFT; only a ClusterChanged broadcast forces a read on the request path.
+    monkeypatch.setattr(app_module, "CLUSTER_CACHE_SECONDS", 0.2)
+    cluster.planner = lambda request: Plan(token_ids=[5])
+    await register_instance(redis_client, cluster.prefix, "inst-a", max_model_len=32)
+    body = {"prompt": "x", "max_tokens": 40}
+    async with serve_router(config, tokenizer=tokenizer) as url:
+        status, _ = await post(http, f"{url}/v1/completions", body)
+        assert status == 400  # the first request reads the table
+        await register_instance(redis_client, cluster.prefix, "inst-a", max_model_len=4096)  # no broadcast
+        await asyncio.sleep(0.3)
+        status, _ = await post(http, f"{url}/v1/completions", body)
+        assert status == 400  # answered from the expired table, which is now being refreshed
+        status, _ = await eventually(
+            lambda: post(http, f"{url}/v1/completions", body), lambda result: result[0] == 200
+        )
+        assert status == 200
+
+
 # ---- the official client -----------------------------------------------------------------------------------
 
 

@@ -127,6 +127,7 @@ def _runtime_context(
             )
             yield
             await changed.unsubscribe()
+            await cluster.aclose()
             await streams.stop()
         finally:
             closing = True

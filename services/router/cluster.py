@@ -9,12 +9,15 @@ here. What is read:
 - `keys.macro_state(prefix, m)` for every m in `keys.macro_instances(prefix)`: the field
   `state:<instance_id>` = "draining" marks an instance an operator is draining (not ready to serve).
 A snapshot is reused for `ttl` seconds (one Redis round trip per second at most, whatever the request rate)
-and dropped early when a ClusterChanged broadcast arrives.
+and dropped early when a ClusterChanged broadcast arrives. The request path asks with `stale_ok`: an expired
+snapshot is used at once while a background read refreshes it, so no request waits on Redis (~0.5 ms on
+loopback) for a table that only changes with a broadcast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import typing
@@ -73,18 +76,40 @@ class ClusterView:
         self._snapshot: ClusterSnapshot | None = None
         self._read_at = 0.0
         self._lock = asyncio.Lock()
+        self._generation = 0  # bumped by invalidate(): a read begun before it must not be cached
+        self._refresh: asyncio.Task[ClusterSnapshot] | None = None
 
     def invalidate(self) -> None:
         self._snapshot = None
+        self._generation += 1
 
-    async def snapshot(self) -> ClusterSnapshot:
+    async def snapshot(self, *, stale_ok: bool = False) -> ClusterSnapshot:
+        """The table, read at most once per `ttl`; with `stale_ok`, an expired (not invalidated) snapshot is
+        returned at once and refreshed in the background."""
         if self._snapshot is not None and time.monotonic() - self._read_at < self._ttl:
             return self._snapshot
-        async with self._lock:  # one read for all the requests that find the cache stale together
-            if self._snapshot is None or time.monotonic() - self._read_at >= self._ttl:
-                self._snapshot = await self._read()
-                self._read_at = time.monotonic()
+        if stale_ok and self._snapshot is not None:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.create_task(self._fresh(), name="ecoserve-cluster-refresh")
             return self._snapshot
+        return await self._fresh()
+
+    async def _fresh(self) -> ClusterSnapshot:
+        async with self._lock:  # one read for all the requests that find the cache stale together
+            snapshot = self._snapshot
+            if snapshot is None or time.monotonic() - self._read_at >= self._ttl:
+                generation = self._generation
+                snapshot = await self._read()
+                if generation == self._generation:
+                    self._snapshot, self._read_at = snapshot, time.monotonic()
+            return snapshot
+
+    async def aclose(self) -> None:
+        """Stop a background refresh (before the Redis client closes under it)."""
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
 
     async def _read(self) -> ClusterSnapshot:
         try:

@@ -63,7 +63,7 @@ async def _engine_sampling(
     rt: RouterRuntime, parsed: ParsedRequest, prompt_ids: list[list[int]]
 ) -> list[dict[str, Any]]:
     """Per prompt: the engine's sampling fields, with max_tokens fitted to the context window."""
-    snapshot = await rt.cluster.snapshot()
+    snapshot = await rt.cluster.snapshot(stale_ok=True)  # the context length changes only with a broadcast
     max_model_len = snapshot.max_model_len() or rt.model.config_max_model_len
     result = []
     for ids in prompt_ids:
