@@ -136,43 +136,41 @@ def chat_chunk(
     }
 
 
-def usage_chunk(
-    response_id: str, obj: str, created: int, model: str, usage_body: dict[str, int]
+def response_body(
+    response_id: str,
+    obj: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_body: dict[str, int],
 ) -> dict[str, Any]:
+    """The envelope shared by full responses and the final usage chunk (which has `choices: []`)."""
     return {
         "id": response_id,
         "object": obj,
         "created": created,
         "model": model,
-        "choices": [],
+        "choices": choices,
         "usage": usage_body,
     }
+
+
+def usage_chunk(
+    response_id: str, obj: str, created: int, model: str, usage_body: dict[str, int]
+) -> dict[str, Any]:
+    return response_body(response_id, obj, created, model, [], usage_body)
 
 
 def completion_response(
     response_id: str, created: int, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_body,
-    }
+    return response_body(response_id, "text_completion", created, model, choices, usage_body)
 
 
 def chat_response(
     response_id: str, created: int, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_body,
-    }
+    return response_body(response_id, "chat.completion", created, model, choices, usage_body)
 
 
 def models_list(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
