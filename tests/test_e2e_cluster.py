@@ -312,19 +312,32 @@ async def test_coordinator_restart_loses_no_state(cluster, model_dir):
     assert status == 200, body
 
 
+def busy(summary: dict) -> bool:
+    return summary["inflight"] > 0 or summary["num_running"] > 0 or summary["num_waiting"] > 0
+
+
+async def instances_where(cluster, predicate, timeout: float = 10.0) -> list[dict]:
+    """Ask the coordinator until `predicate(summaries)` holds: status reports are periodic."""
+    deadline = time.monotonic() + timeout
+    while True:
+        summaries = (await cluster.admin(cluster.nc, "instances"))["instances"]
+        if predicate(summaries):
+            return summaries
+        assert time.monotonic() < deadline, cluster.logs()
+        await asyncio.sleep(0.05)
+
+
 async def test_killed_instance_ends_its_streams_and_survivors_serve(cluster, model_dir):
     """Runs last in this module: it kills an instance."""
     name = model_name(model_dir)
     body = {"model": name, "prompt": "def loop():", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    await instances_where(cluster, lambda summaries: not any(map(busy, summaries)))
     async with aiohttp.ClientSession() as s:
         resp = await s.post(cluster.url + "/v1/completions", json=body)
         first = await resp.content.readline()
         assert first.startswith(b"data: ")
-        holder = next(
-            i["instance_id"]
-            for i in (await cluster.admin(cluster.nc, "instances"))["instances"]
-            if i["num_running"] > 0
-        )
+        summaries = await instances_where(cluster, lambda summaries: any(map(busy, summaries)))
+        holder = next(summary["instance_id"] for summary in summaries if busy(summary))
         cluster.signal(holder, signal.SIGKILL)
         killed_at = time.monotonic()
         error_seen = False

@@ -32,7 +32,7 @@ class AdminError(Exception):
     """A command that cannot be done as asked; its message goes back in AdminReply.error."""
 
 
-def instance_summary(record: InstanceRecord, position: int, now: float) -> dict[str, Any]:
+def instance_summary(record: InstanceRecord, position: int, now: float, inflight: int = 0) -> dict[str, Any]:
     status = record.status
     return {
         "instance_id": record.instance_id,
@@ -45,6 +45,7 @@ def instance_summary(record: InstanceRecord, position: int, now: float) -> dict[
         "num_running": status.num_running if status else 0,
         "num_waiting": status.num_waiting if status else 0,
         "outstanding": len(record.pending),
+        "inflight": inflight,  # dispatched here and not yet seen finished
         "kv_blocks_free": status.kv_blocks_free if status else None,
         "kv_blocks_total": record.info.kv_blocks_total,
         "last_heartbeat_age": round(now - record.last_heartbeat, 3),
@@ -140,7 +141,10 @@ class AdminService:
         registry = self.leader.registry
         return [
             instance_summary(
-                record, registry.members(record.macro_instance_id).index(record.instance_id) + 1, now
+                record,
+                registry.members(record.macro_instance_id).index(record.instance_id) + 1,
+                now,
+                inflight=len(self.leader.inflight.of(record.instance_id)),
             )
             for record in registry
         ]
