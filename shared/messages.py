@@ -131,6 +131,9 @@ class InstanceInfo(Message):
     pid: int
     host: str
     started_at: float  # unix seconds
+    # shared.prefill_profile.PrefillProfile.to_dict(): measured prefill seconds by prompt length, for the
+    # PaDG admission check. None when the instance did not profile (NoDG/Sarathi clusters need none).
+    prefill_profile: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +179,8 @@ class InstanceStatus(Message):
     kv_blocks_total: int
     num_preemptions: int  # cumulative
     requests: list[RequestProgress]
+    prefill_window: bool | None = None  # padg policy: whether the prefill window is open (None: other policy)
+    window_epoch: int = 0  # the epoch of the latest PrefillWindow applied (0: none yet)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +211,24 @@ class InstanceControl(Message):
 
     command: ControlCommand
     args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillWindow(Message):
+    """Coordinator → instance (request/reply on its control subject, like InstanceControl): open (`active`)
+    or close the instance's PaDG prefill window. Answered by AdminReply.
+
+    `epoch` grows with every activation change of the macro instance (persisted with its state, so it keeps
+    growing across coordinator restarts); an instance ignores a PrefillWindow whose epoch is below the last
+    one it applied, so a late or retried message cannot undo a newer change. With `hold_outputs` the
+    instance buffers output tokens while its window is open, releasing them at the latest `ttft_slo`
+    seconds after it opened (EcoServe's output hold)."""
+
+    active: bool
+    epoch: int
+    time: float  # unix seconds when the coordinator decided
+    ttft_slo: float  # seconds
+    hold_outputs: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

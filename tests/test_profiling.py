@@ -9,7 +9,7 @@ import torch
 from services.instance.engine.attention import ATTENTION_NAME
 from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.policies import PaDGPolicy
-from services.instance.engine.prefill_profile import PrefillProfile
+from shared.prefill_profile import PrefillProfile
 from services.instance.engine.profiling import QUICK_LENGTHS, default_lengths, profile_prefill
 from services.instance.engine.sampling_params import SamplingParams
 from services.instance.models.loader import load_model

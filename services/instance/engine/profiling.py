@@ -19,7 +19,7 @@ import torch
 
 from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.policies import NoDGPolicy
-from services.instance.engine.prefill_profile import PrefillProfile
+from shared.prefill_profile import PrefillProfile
 from services.instance.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
