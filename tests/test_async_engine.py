@@ -190,3 +190,83 @@ async def test_a_policy_holding_requests_back_does_not_spin_the_engine_thread(mo
         assert len(toks) == 3
     finally:
         await engine.shutdown()
+
+
+async def test_submitted_requests_reach_only_the_step_listeners(model):
+    expected = sync_tokens(model, PROMPTS)
+    engine = AsyncEngine(engine_of(model))
+    got: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    done = asyncio.Event()
+
+    def on_step(outputs, stats) -> None:
+        for out in outputs:
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+        if len(finished) == len(PROMPTS):
+            done.set()
+
+    engine.add_step_listener(on_step)
+    engine.start()
+    try:
+        for i, p in enumerate(PROMPTS):
+            assert engine.submit(str(i), p, greedy()) is None
+        with pytest.raises(ParameterError):
+            engine.submit("bad", PROMPTS[0], SamplingParams(max_tokens=0))
+        await asyncio.wait_for(done.wait(), 60)
+        assert [got[str(i)] for i in range(len(PROMPTS))] == expected
+        assert engine.num_open_streams == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_death_listeners_hear_once_of_a_crash_and_of_a_shutdown(model):
+    crashing = AsyncEngine(engine_of(model))
+
+    def explode(plan):
+        raise RuntimeError("simulated device failure")
+
+    crashing.engine.runner.execute = explode
+    heard: list[tuple[str, bool]] = []
+    crashing.add_death_listener(lambda error: heard.append((str(error), crashing.crashed)))
+    crashing.start()
+    crashing.submit("a", PROMPTS[0], greedy())
+    for _ in range(200):
+        if heard:
+            break
+        await asyncio.sleep(0.01)
+    await crashing.shutdown()
+    assert len(heard) == 1 and "simulated device failure" in heard[0][0] and heard[0][1]
+
+    stopped = AsyncEngine(engine_of(model))
+    heard.clear()
+    stopped.add_death_listener(lambda error: heard.append((str(error), stopped.crashed)))
+    stopped.start()
+    await stopped.shutdown()
+    assert heard == [("engine shut down", False)]
+
+
+async def test_a_call_the_engine_never_ran_fails_at_shutdown(model):
+    engine = AsyncEngine(engine_of(model))
+    in_step, release = threading.Event(), threading.Event()
+    inner = engine.engine.runner.execute
+
+    def execute(plan):
+        in_step.set()
+        release.wait(timeout=20)
+        return inner(plan)
+
+    engine.engine.runner.execute = execute
+    engine.start()
+    engine.submit("a", PROMPTS[0], greedy(100))
+    while not in_step.is_set():
+        await asyncio.sleep(0.005)
+    pending = asyncio.ensure_future(engine.call(lambda e: "ran"))
+    await asyncio.sleep(0)  # queued behind the step under way
+    stopping = asyncio.ensure_future(engine.shutdown())
+    await asyncio.sleep(0.05)
+    release.set()  # the thread finishes its step and stops without running the call
+    await asyncio.wait_for(stopping, 30)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        await asyncio.wait_for(pending, 5)

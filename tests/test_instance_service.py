@@ -3,191 +3,55 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import nats.errors
 import pytest
-from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
+from instance_support import (
+    ENDLESS,
+    GREEDY,
+    INSTANCE,
+    PROMPTS,
+    Peer,
+    assert_well_formed,
+    collect,
+    make_engine,
+    next_message,
+    registered,
+    running,
+    token_ids,
+    wait_status,
+)
 
 from services.instance.engine.async_engine import AsyncEngine
 from services.instance.engine.attention import ATTENTION_NAME
-from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.sampling_params import SamplingParams
 from services.instance.models.loader import load_model
-from services.instance.service import InstanceService
 from services.instance.status import phase_of
 from shared import subjects
-from shared.config import InstanceConfig
 from shared.messages import (
     AbortRequest,
     AdminReply,
-    ControlCommand,
     DeregisterInstance,
     DispatchAck,
-    DispatchRequest,
     ErrorReply,
-    InstanceControl,
     InstanceStatus,
-    RegisterAck,
-    RegisterInstance,
-    TokenChunk,
 )
-from shared.wire import Message, decode, encode
+from shared.wire import encode
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTANCE = "inst-1"
-ROUTER = "router-1"
-PROMPTS = [[5, 17, 300, 41, 9, 77], [400, 12, 13, 14], list(range(100, 140))]
-GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
-ENDLESS = {"max_tokens": 100_000, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
     return load_model(tiny_models["llama"], dtype="float32", attn_implementation=ATTENTION_NAME)
-
-
-def make_engine(model) -> LLMEngine:
-    return LLMEngine(model, eos_token_ids_of(model), EngineConfig(num_kv_blocks=64))
-
-
-class Peer:
-    """The test's side of the wire: answers registrations, sends dispatches and controls, reads reports."""
-
-    def __init__(self, nc: NATS, prefix: str, instance_id: str = INSTANCE):
-        self.nc = nc
-        self.prefix = prefix
-        self.instance_id = instance_id
-        self.registrations: list[RegisterInstance] = []
-
-    async def answer_registrations(self, *, refuse_first: int = 0, macro: str = "m0") -> Subscription:
-        async def answer(msg) -> None:
-            self.registrations.append(decode(msg.data, RegisterInstance))
-            accepted = len(self.registrations) > refuse_first
-            ack = RegisterAck(
-                accepted=accepted,
-                macro_instance_id=macro if accepted else None,
-                lease_seconds=3.0,
-                message="welcome" if accepted else "not yet",
-            )
-            await msg.respond(encode(ack))
-
-        return await self.subscribe(subjects.register(self.prefix), cb=answer)
-
-    async def subscribe(self, subject: str, **kwargs: Any) -> Subscription:
-        sub = await self.nc.subscribe(subject, **kwargs)
-        await self.nc.flush()  # known to the server before the instance publishes
-        return sub
-
-    async def request(self, subject: str, payload: bytes) -> Message:
-        reply = await self.nc.request(subject, payload, timeout=10)
-        return decode(reply.data)
-
-    async def dispatch(
-        self, request_id: str, prompt: list[int], sampling: dict[str, Any], /, **overrides: Any
-    ) -> Message:
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "model": "tiny",
-            "prompt_token_ids": prompt,
-            "sampling": sampling,
-            "reply_subject": subjects.router_tokens(self.prefix, ROUTER),
-            "router_id": ROUTER,
-            "arrival_time": time.time(),
-            "stream": True,
-            "instance_id": self.instance_id,
-            "dispatch_time": time.time(),
-        }
-        fields.update(overrides)
-        subject = subjects.instance_requests(self.prefix, self.instance_id)
-        return await self.request(subject, encode(DispatchRequest(**fields)))
-
-    async def control(self, command: ControlCommand) -> Message:
-        subject = subjects.instance_control(self.prefix, self.instance_id)
-        return await self.request(subject, encode(InstanceControl(command=command)))
-
-    async def tokens(self) -> Subscription:
-        return await self.subscribe(subjects.router_tokens(self.prefix, ROUTER))
-
-    async def statuses(self) -> Subscription:
-        return await self.subscribe(subjects.status(self.prefix, self.instance_id))
-
-
-async def next_message(sub: Subscription, timeout: float = 30) -> Any:
-    return decode((await sub.next_msg(timeout=timeout)).data)
-
-
-async def collect(
-    sub: Subscription, request_ids: set[str], timeout: float = 60
-) -> dict[str, list[TokenChunk]]:
-    """Chunks per request until each one's terminal chunk (finished or error)."""
-    chunks: dict[str, list[TokenChunk]] = {rid: [] for rid in request_ids}
-    open_ids = set(request_ids)
-    deadline = time.monotonic() + timeout
-    while open_ids:
-        chunk = await next_message(sub, deadline - time.monotonic())
-        assert isinstance(chunk, TokenChunk)
-        chunks[chunk.request_id].append(chunk)
-        if chunk.finished or chunk.error is not None:
-            open_ids.discard(chunk.request_id)
-    return chunks
-
-
-async def wait_status(
-    sub: Subscription, predicate: Callable[[InstanceStatus], object], timeout: float = 30
-) -> InstanceStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await next_message(sub, deadline - time.monotonic())
-        assert isinstance(status, InstanceStatus)
-        if predicate(status):
-            return status
-
-
-def assert_well_formed(chunks: list[TokenChunk]) -> None:
-    """seq 0..n-1 and exactly one terminal chunk, the last."""
-    assert [c.seq for c in chunks] == list(range(len(chunks)))
-    assert [c.finished for c in chunks] == [False] * (len(chunks) - 1) + [True]
-
-
-def token_ids(chunks: list[TokenChunk]) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
-
-
-@contextlib.asynccontextmanager
-async def running(
-    model, nats_server, prefix: str, engine: AsyncEngine | None = None, **options: Any
-) -> AsyncIterator[InstanceService]:
-    config = InstanceConfig(
-        nats_url=nats_server.url, prefix=prefix, instance_id=INSTANCE, heartbeat_interval=0.05
-    )
-    options.setdefault("register_interval", 0.1)
-    service = InstanceService(config, engine or AsyncEngine(make_engine(model)), "tiny", **options)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await asyncio.wait_for(service.stop(), 30)
-
-
-@contextlib.asynccontextmanager
-async def registered(model, nats_server, nats_client, prefix: str, **options: Any):
-    peer = Peer(nats_client, prefix)
-    await peer.answer_registrations()
-    async with running(model, nats_server, prefix, **options) as service:
-        await asyncio.wait_for(service.registered.wait(), 10)
-        yield service, peer
 
 
 async def test_greedy_streams_equal_the_engine_alone(model, nats_server, nats_client, ecoserve_prefix):

@@ -150,7 +150,8 @@ def test_window_timestamps_and_repeated_messages():
     assert policy.window_opened_at == 5.0 and policy.switched_at == 5.0
     assert policy.set_prefill_active(False, 7.0)
     assert not policy.set_prefill_active(False, 8.0)
-    assert (policy.window_closed_at, policy.switched_at, policy.num_switches) == (7.0, 7.0, 2)
+    # A repeated close is not a switch, but it moves the close time (prompts sent before it are admitted).
+    assert (policy.window_closed_at, policy.switched_at, policy.num_switches) == (8.0, 7.0, 2)
     with pytest.raises(ValueError, match="admit_grace"):
         PaDGPolicy(admit_grace=-1.0)
 
@@ -233,3 +234,17 @@ def test_make_policy_passes_options():
     assert isinstance(policy, PaDGPolicy) and policy.activated and not policy.finish_admitted_prefills
     with pytest.raises(TypeError):
         make_policy("nodg", activated=True)
+
+
+def test_a_close_without_its_open_still_prefills_what_was_sent_for_that_window():
+    # The coordinator opened this instance's window and sent it prompts, but the open was lost; the next
+    # close (a newer epoch) must not strand those prompts until a window that may never come.
+    policy = PaDGPolicy(admit_grace=0.0)
+    s = make(policy)
+    policy.set_prefill_active(False, 0.5)
+    s.add(seq("sent_for_lost_window", 4, arrival=1.0))
+    assert s.schedule(1.5).chunks == [], "closed window: prompts wait"
+    assert not policy.set_prefill_active(False, 2.0), "still closed: not a change"
+    out = s.schedule(2.5)
+    assert ids(out) == ["sent_for_lost_window"]
+    assert policy.window_closed_at == 2.0

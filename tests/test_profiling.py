@@ -9,10 +9,10 @@ import torch
 from services.instance.engine.attention import ATTENTION_NAME
 from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.policies import PaDGPolicy
-from shared.prefill_profile import PrefillProfile
 from services.instance.engine.profiling import QUICK_LENGTHS, default_lengths, profile_prefill
 from services.instance.engine.sampling_params import SamplingParams
 from services.instance.models.loader import load_model
+from shared.prefill_profile import PrefillProfile
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,30 @@ def test_profile_round_trips_through_msgpack():
         PrefillProfile.from_dict(profile.to_dict() | {"block_size": True})
     with pytest.raises(ValueError, match="increasing"):
         PrefillProfile([(32, 0.1), (16, 0.2)], 1, 16, 0.0, 1)
+
+
+async def test_the_startup_profile_is_cached_by_what_it_depends_on(model, tmp_path):
+    from services.instance.engine.async_engine import AsyncEngine
+    from services.instance.startup_profile import startup_profile
+
+    engine = AsyncEngine(engine_for(model, num_kv_blocks=8, policy="padg"))  # 128-token context: 16..64
+    engine.start()
+    try:
+        first = await startup_profile(engine, tmp_path)
+        assert first is not None and [n for n, _ in first.points] == [16, 32, 64]
+        (cached,) = tmp_path.glob("*.json")
+        assert await startup_profile(engine, tmp_path) == first, "read back, not measured again"
+        cached.write_text("{not json")
+        remeasured = await startup_profile(engine, tmp_path)
+        assert remeasured is not None and remeasured.measured_at > first.measured_at
+        assert await startup_profile(engine, tmp_path) == remeasured, "the broken file was replaced"
+        assert await startup_profile(engine, None) != remeasured, "no cache dir: always measured"
+    finally:
+        await engine.shutdown()
+    other = AsyncEngine(engine_for(model, num_kv_blocks=9, policy="padg"))  # another pool: another key
+    other.start()
+    try:
+        assert (await startup_profile(other, tmp_path)).kv_blocks_total == 9
+        assert len(list(tmp_path.glob("*.json"))) == 2
+    finally:
+        await other.shutdown()

@@ -1,8 +1,9 @@
 """`python -m services.instance` (and `ecoserve instance`): one instance process.
 
-Loads the model, starts the engine and the service, and runs until SIGTERM/SIGINT or a `shutdown` command;
-then drains (up to --drain-timeout seconds), deregisters and exits 0 (1 if the engine died, 2 on bad
-arguments or a model that cannot be loaded).
+Loads the model, starts the engine and the service (which first measures the engine's prefill profile when
+the policy is padg, or with --profile-prefill on; cached on disk), and runs until SIGTERM/SIGINT or a
+`shutdown` command; then drains (up to --drain-timeout seconds), deregisters and exits 0 (1 if the engine
+died, 2 on bad arguments or a model that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.instance.engine.async_engine import AsyncEngine
     from services.instance.engine.llm_engine import LLMEngine
     from services.instance.models.loader import ModelError
+    from services.instance.startup_profile import default_cache_dir
 
     if args.threads is not None:
         if args.threads < 1:
@@ -117,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     service = InstanceService(
-        config, AsyncEngine(engine, clock=time.time), model_name, drain_timeout=args.drain_timeout
+        config,
+        AsyncEngine(engine, clock=time.time),
+        model_name,
+        drain_timeout=args.drain_timeout,
+        profile_cache_dir=default_cache_dir(),
     )
     return _run(serve(service))
 

@@ -1,23 +1,16 @@
-"""One request's token stream: engine outputs become TokenChunks published to the requesting router.
+"""One request's chunks: engine outputs become numbered TokenChunks for the requesting router.
 
-Every chunk carries the next `seq` (0, 1, 2, …) so the router detects a lost one; the stream always ends
-with exactly one terminal chunk (finished, or `error` set) whatever ends the request: completion, an abort,
-the instance shutting down, or the engine dying.
+Every chunk carries the next `seq` (0, 1, 2, …) so the router detects a lost one. `StepPublisher`
+(step_publisher.py) makes sure each request gets exactly one terminal chunk (finished, or `error` set).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
-from services.instance.engine.async_engine import EngineDeadError
 from services.instance.engine.llm_engine import RequestOutput
 from services.instance.engine.sequence import TokenLogprobs
 from shared.messages import TokenChunk, TokenLogprob
-
-log = logging.getLogger(__name__)
-
-Publish = Callable[[TokenChunk], Awaitable[None]]
 
 
 def to_wire_logprobs(logprobs: list[TokenLogprobs] | None) -> list[TokenLogprob] | None:
@@ -62,6 +55,10 @@ class ChunkBuilder:
             stop_reason=out.stop_reason if out.finished else None,
         )
 
+    def aborted(self) -> TokenChunk:
+        """The terminal chunk of a request the router aborted (counts as reported so far)."""
+        return self._chunk([], finished=True, finish_reason="abort")
+
     def error(self, message: str) -> TokenChunk:
         return self._chunk([], finished=True, finish_reason="error", error=message)
 
@@ -91,27 +88,3 @@ class ChunkBuilder:
         )
         self.next_seq += 1
         return chunk
-
-
-async def pump(
-    outputs: AsyncIterator[RequestOutput],
-    builder: ChunkBuilder,
-    publish: Publish,
-    failure: Callable[[], str | None],
-) -> str | None:
-    """Publish a chunk per output until the terminal one; returns the engine's death message if it died.
-
-    `failure()` is checked when the request ends by abort: a reason there (the instance failed the request,
-    e.g. at shutdown) turns the abort into an error chunk; no reason means the router asked for the abort.
-    """
-    try:
-        async for out in outputs:
-            if out.finished and out.finish_reason == "abort" and (reason := failure()) is not None:
-                await publish(builder.error(reason))
-                return None
-            await publish(builder.from_output(out))
-        return None
-    except EngineDeadError as exc:
-        log.error("request %s failed: %s", builder.request_id, exc)
-        await publish(builder.error(str(exc)))
-        return str(exc)

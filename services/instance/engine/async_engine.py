@@ -2,8 +2,9 @@
 
 The engine is touched only by its thread: asyncio code submits commands (add, abort, any function of the
 engine) that the thread applies between steps, and receives each step's outputs through per-request async
-streams. torch releases the GIL inside its kernels, so the event loop keeps serving NATS and heartbeats
-during a long prefill.
+streams (`add_request`) or, without a stream per request, through step listeners (`submit`): a frontend
+that handles a whole step in one callback avoids one task wake-up per request and token. torch releases the
+GIL inside its kernels, so the event loop keeps serving NATS and heartbeats during a long prefill.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RequestStream:
 
 
 StepListener = Callable[[list[RequestOutput], EngineStats], None]
+DeathListener = Callable[[EngineDeadError], None]
 
 
 class AsyncEngine:
@@ -65,6 +67,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._listeners: list[StepListener] = []
+        self._death_listeners: list[DeathListener] = []
+        self._death_told = False
+        self._calls: set[asyncio.Future] = set()  # `call`s not answered yet: failed if the engine stops
         self._stats = engine.stats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -98,6 +103,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._dead is None and not self._stopping
 
+    @property
+    def crashed(self) -> bool:
+        """The engine thread died of an exception (not a requested shutdown)."""
+        return self._dead is not None
+
     # -- requests -------------------------------------------------------------------------------------------
 
     def add_request(
@@ -107,16 +117,29 @@ class AsyncEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> RequestStream:
-        """Validate (raising ParameterError/ValueError here, in the caller) and queue a request."""
-        self._check_alive()
+        """Validate (raising ParameterError/ValueError here, in the caller) and queue a request whose outputs
+        also go to the returned stream."""
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.engine.validate_request(request_id, prompt_token_ids, params)
+        self.submit(request_id, prompt_token_ids, params, arrival_time)
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
+        return stream
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate (raising ParameterError/ValueError here, in the caller) and queue a request whose outputs
+        reach only the step listeners. The caller keeps its ids unique among unfinished requests, and learns
+        of a dead engine from the death listeners."""
+        self._check_alive()
+        self.engine.validate_request(request_id, prompt_token_ids, params)
         arrival = self._clock() if arrival_time is None else arrival_time
         self._submit(lambda e: e.add_request(request_id, prompt_token_ids, params, arrival))
-        return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (applied before the next step); its stream ends now."""
@@ -130,6 +153,8 @@ class AsyncEngine:
         self._check_alive()
         assert self._loop is not None
         future: asyncio.Future = self._loop.create_future()
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
 
         def apply(engine: LLMEngine) -> None:
             try:
@@ -149,6 +174,11 @@ class AsyncEngine:
     def add_step_listener(self, listener: StepListener) -> None:
         """`listener(outputs, stats)` runs on the event loop after every step."""
         self._listeners.append(listener)
+
+    def add_death_listener(self, listener: DeathListener) -> None:
+        """`listener(error)` runs once on the event loop when the engine thread stops (crash or shutdown),
+        after the listeners saw every step it completed."""
+        self._death_listeners.append(listener)
 
     @property
     def num_open_streams(self) -> int:
@@ -223,10 +253,20 @@ class AsyncEngine:
             except Exception:
                 log.exception("step listener failed")
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: EngineDeadError) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._put(exc)
+        for future in list(self._calls):  # the thread stopped before running them
+            _set_exception(future, exc)
+        if self._death_told:
+            return
+        self._death_told = True
+        for listener in self._death_listeners:
+            try:
+                listener(exc)
+            except Exception:
+                log.exception("death listener failed")
 
 
 def _aborted(request_id: str) -> RequestOutput:

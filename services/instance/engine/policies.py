@@ -84,9 +84,16 @@ class PaDGPolicy:
         return "prefill" if self.activated else "decode"
 
     def set_prefill_active(self, active: bool, now: float) -> bool:
-        """Open or close the prefill window at `now`; True when that changed the state. Repeating the
-        current state is a no-op, so a retried control message does not restart the window."""
+        """Open or close the prefill window at `now`; True when that changed the state. Repeating an open
+        is a no-op, so a retried control message does not restart the window. Repeating a close moves the
+        close time forward: when the open was lost, the prompts the coordinator sent for that window
+        arrived before this close and must still be prefilled, not parked until a window that may never
+        come."""
         if active == self.activated:
+            if not active:
+                self.window_closed_at = (
+                    now if self.window_closed_at is None else max(self.window_closed_at, now)
+                )
             return False
         self.activated = active
         self.switched_at = now

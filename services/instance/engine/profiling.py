@@ -19,8 +19,8 @@ import torch
 
 from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.policies import NoDGPolicy
-from shared.prefill_profile import PrefillProfile
 from services.instance.engine.sampling_params import SamplingParams
+from shared.prefill_profile import PrefillProfile
 
 log = logging.getLogger(__name__)
 
