@@ -109,3 +109,14 @@ def cluster_changed(prefix: str) -> str:
 def instance_lost(prefix: str) -> str:
     """Coordinator → routers InstanceLost broadcasts: fail the streams of a dead instance."""
     return f"{check_prefix(prefix)}.cluster.instance_lost"
+
+
+def instance_kv(prefix: str, instance_id: str) -> str:
+    """FuDG prefill instance → decode instance: KvChunks of a KvTransfer (the last one is a request answered
+    by KvTransferAck)."""
+    return f"{check_prefix(prefix)}.instance.{check_id('instance_id', instance_id)}.kv"
+
+
+def kv_transfers(prefix: str) -> str:
+    """FuDG prefill instances → anyone listening (benchmarks, operators): a KvTransferReport per transfer."""
+    return f"{check_prefix(prefix)}.fudg.transfers"

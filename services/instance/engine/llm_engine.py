@@ -11,12 +11,13 @@ import torch
 
 from services.instance.engine.block_manager import BlockManager
 from services.instance.engine.kv_cache import KVCache, KVGeometry
+from services.instance.engine.kv_transfer import KvPayload, export_sequence, import_payload
 from services.instance.engine.model_runner import ModelRunner
 from services.instance.engine.policies import make_policy
 from services.instance.engine.sampler import Sampler
 from services.instance.engine.sampling_params import ParameterError, SamplingParams
 from services.instance.engine.scheduler import Scheduler, SchedulerConfig
-from services.instance.engine.sequence import Sequence, TokenLogprobs
+from services.instance.engine.sequence import FinishReason, Sequence, TokenLogprobs
 
 GiB = 1024**3
 
@@ -30,6 +31,8 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # FuDG prefill role: every request leaves after its first token with its KV (RequestOutput.kv_payload).
+    kv_export: bool = False
 
 
 @dataclass
@@ -48,6 +51,9 @@ class RequestOutput:
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Set (with finish_reason "transferred") when the request left this engine after its prefill: its KV
+    # and sampler state, for another engine's `import_request`.
+    kv_payload: KvPayload | None = None
 
 
 @dataclass
@@ -159,7 +165,11 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        *,
+        export_kv: bool | None = None,
     ) -> None:
+        """Queue a request. `export_kv` (default: the engine's `kv_export`) hands it out with its KV after
+        its first token instead of decoding it here."""
         self.validate_request(request_id, prompt_token_ids, params)
         seq = Sequence(
             request_id=request_id,
@@ -167,9 +177,21 @@ class LLMEngine:
             params=params,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             eos_token_ids=self.eos_token_ids,
+            export_kv=self.config.kv_export if export_kv is None else export_kv,
         )
         self._request_ids.add(request_id)
         self.scheduler.add(seq)
+
+    def import_request(
+        self, payload: KvPayload, arrival_time: float | None = None, first_token_time: float | None = None
+    ) -> bool:
+        """Continue a request another engine prefilled (see kv_transfer.import_payload); times are on the
+        clock passed to `step`. False when it had to queue for recomputation instead (no room for its KV)."""
+        now = time.monotonic() if arrival_time is None else arrival_time
+        return import_payload(self, payload, arrival_time=now, first_token_time=first_token_time)
+
+    def register_request_id(self, request_id: str) -> None:
+        self._request_ids.add(request_id)
 
     def abort_request(self, request_id: str, now: float | None = None) -> bool:
         seq = self.scheduler.abort(request_id, time.monotonic() if now is None else now)
@@ -201,6 +223,7 @@ class LLMEngine:
         self._counters.generation_tokens += len(seqs)
         outputs = []
         for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            payload = self._export(seq) if seq.finish_reason is FinishReason.TRANSFERRED else None
             if seq.is_finished:
                 self._request_ids.discard(seq.request_id)
             outputs.append(
@@ -216,9 +239,19 @@ class LLMEngine:
                     arrival_time=seq.arrival_time,
                     first_scheduled_time=seq.first_scheduled_time,
                     first_token_time=seq.first_token_time,
+                    kv_payload=payload,
                 )
             )
         return outputs
+
+    def _export(self, seq: Sequence) -> KvPayload:
+        start = time.perf_counter()
+        try:
+            payload = export_sequence(self.kv_cache, seq)
+        finally:
+            self.blocks.free(seq)  # whatever happens, a detached sequence's blocks return
+        payload.export_seconds = time.perf_counter() - start
+        return payload
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -155,7 +155,16 @@ class Scheduler:
             reason, stop_reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.finish(seq, reason, now, stop_reason)
+            elif seq.export_kv:
+                self._detach(seq, now)
         return touched
+
+    def _detach(self, seq: Sequence, now: float) -> None:
+        """Take `seq` out of the queues but keep its blocks: the engine exports its KV, then frees them."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.TRANSFERRED
+        seq.finished_time = now
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[FinishReason | None, int | None]:
         params = seq.params

@@ -19,6 +19,9 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS or a stop token id (the router adds stop strings)
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"
+    # Left this engine after its prefill, its KV handed out for another engine to decode (FuDG); not a
+    # finish of the request itself.
+    TRANSFERRED = "transferred"
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Sequence:
     finished_time: float | None = None
     # Per-request torch.Generator for seeded sampling, created by the sampler on first use.
     generator: Any = None
+    # FuDG prefill: after its first token, hand the request out with its KV instead of decoding it.
+    export_kv: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
