@@ -34,3 +34,8 @@ up: venv
 
 bench-engine: venv
 	$(PY) bench/engine.py
+
+# PaDG vs NoDG, Sarathi and FuDG on the three workload shapes (~35 min): docs/results.md and docs/results/.
+.PHONY: experiment
+experiment: venv
+	$(PY) bench/experiment.py

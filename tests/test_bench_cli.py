@@ -20,8 +20,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture
-def cluster_url(tiny_models, nats_server, redis_server, tmp_path) -> Iterator[str]:
+def cluster(tiny_models, nats_server, redis_server, tmp_path) -> Iterator[tuple[str, str]]:
+    """The router's URL and the cluster's subject prefix."""
     port = free_port()
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes it until the end of the test
     proc = subprocess.Popen(
         [
@@ -42,7 +44,7 @@ def cluster_url(tiny_models, nats_server, redis_server, tmp_path) -> Iterator[st
             "--redis-url",
             redis_server.url,
             "--prefix",
-            f"bench-{uuid.uuid4().hex[:8]}",
+            prefix,
         ],
         stdout=subprocess.PIPE,
         stderr=log,
@@ -58,7 +60,7 @@ def cluster_url(tiny_models, nats_server, redis_server, tmp_path) -> Iterator[st
             if line.startswith("{"):
                 url = json.loads(line)["url"]
         assert url, (tmp_path / "up.log").read_text()
-        yield url
+        yield url, prefix
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -81,12 +83,24 @@ def check_exact(run: dict) -> None:
         assert len(request["itl_s"]) <= request["output_tokens"] - 1
 
 
-def test_bench_fixed_rate_and_search_against_a_cluster(cluster_url, tmp_path):
+def test_bench_fixed_rate_and_search_against_a_cluster(cluster, nats_server, tmp_path):
+    cluster_url, prefix = cluster
     out = tmp_path / "fixed.json"
     common = ["--url", cluster_url, "--workload", "alpaca", "--scale", "0.1", "--seed", "3"]
     slos = ["--slo-ttft", "30", "--slo-tpot", "5"]  # generous: a loaded 2-core box must still meet them
+    phases = ["--nats", nats_server.url, "--prefix", prefix]  # the instance's status reports
     done = bench(
-        *common, *slos, "--rate", "4", "--duration", "2", "--json", str(out), "--plot-dir", str(tmp_path)
+        *common,
+        *slos,
+        *phases,
+        "--rate",
+        "4",
+        "--duration",
+        "2",
+        "--json",
+        str(out),
+        "--plot-dir",
+        str(tmp_path),
     )
     assert done.returncode == 0, done.stderr
     assert "Serving Benchmark Result" in done.stdout
@@ -100,7 +114,17 @@ def test_bench_fixed_rate_and_search_against_a_cluster(cluster_url, tmp_path):
     assert run["num_requests"] == len(run["requests"]) == 8  # 4 req/s for 2 s
     check_exact(run)
     assert run["total_output_tokens"] == sum(r["output_len"] for r in run["requests"])
-    assert all(Path(tmp_path, name).stat().st_size > 1000 for name in ("attainment.png", "latency.png"))
+    assert all(
+        Path(tmp_path, name).stat().st_size > 1000 for name in ("attainment.png", "latency.png", "phases.png")
+    )
+    # The one instance's timeline: its state at the run's start, then its transitions (a sarathi cluster:
+    # no prefill window), and it did run prefills while requests arrived.
+    assert document["config"]["nats"] == {"url": nats_server.url, "prefix": prefix}
+    timeline = run["phases"]
+    assert {r["instance"] for r in timeline} == {"instance-0"} and timeline[0]["t"] == 0.0
+    assert all(r["prefill_window"] is None for r in timeline)
+    assert {r["phase"] for r in timeline} & {"prefill", "mixed"}
+    assert all(0 <= r["t"] <= run["duration_s"] for r in timeline)
 
     # A two-run search: both rates meet the generous SLOs, so the goodput is the higher one (a lower bound).
     out = tmp_path / "search.json"

@@ -8,7 +8,9 @@ Requests stream from /v1/completions (token-id prompts of exact length; `--api c
 /v1/chat/completions) with temperature 0, `ignore_eos` and `max_tokens` = the sampled output length, on a
 Poisson or Gamma arrival schedule. One run at `--rate`, or with `--search` the goodput: the highest rate at
 which `--attainment` of the requests meet both SLOs (search.py). Prints a table per run, writes the JSON of
-report.py and, with --plot-dir, PNGs. Workloads and their scaling: workloads.py; metrics: metrics.py.
+report.py and, with --plot-dir, PNGs. Against ecoserve, `--nats URL` also records every instance's phase and
+prefill window over each run (phases.py) into the JSON and `phases.png`. Workloads and their scaling:
+workloads.py; metrics: metrics.py.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import aiohttp
 from services.bench.arrivals import request_count
 from services.bench.client import OpenAIClient, RequestResult, base_url, first_model
 from services.bench.metrics import SLO
+from services.bench.phases import PhaseBook, PhaseRecorder
 from services.bench.prompts import DEFAULT_ID_RANGE, PromptMaker, load_tokenizer
 from services.bench.report import build_document, format_run, format_search, run_document, write_json
 from services.bench.runner import execute, plan_run
 from services.bench.search import GoodputSearch
 from services.bench.workloads import DATASETS, Workload, WorkloadError, load_workload
+from shared.subjects import DEFAULT_PREFIX, check_prefix
 
 # SLOs for a JSONL workload when none are given: the paper's ShareGPT (balanced) defaults.
 FILE_SLO = SLO(ttft=5.0, tpot=0.1)
@@ -99,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into each body")
     server.add_argument("--request-timeout", type=_positive(float), default=600.0, help="seconds")
+    server.add_argument(
+        "--nats",
+        help="ecoserve only: NATS URL; record the instances' phases and prefill windows (status reports)",
+    )
+    server.add_argument("--prefix", default=DEFAULT_PREFIX, help="ecoserve's subject prefix (with --nats)")
 
     load = p.add_argument_group("workload")
     load.add_argument("--workload", default="sharegpt", help=f"{' | '.join(DATASETS)} | FILE.jsonl")
@@ -183,11 +192,12 @@ def _config(args: argparse.Namespace, workload: Workload, model: str, slo: SLO, 
         "max_concurrency": args.max_concurrency,
         "seed": args.seed,
         "request_timeout_s": args.request_timeout,
+        "nats": {"url": args.nats, "prefix": args.prefix} if args.nats else None,
     }
 
 
 def _plots(args: argparse.Namespace, runs: list[dict[str, Any]], slo: SLO, goodput: float | None) -> None:
-    from services.bench.plots import plot_attainment, plot_latencies  # matplotlib only when asked
+    from services.bench.plots import plot_attainment, plot_latencies, plot_phases  # matplotlib when asked
 
     directory = Path(args.plot_dir)
     finite = [(r["rate"], r["attainment"]) for r in runs if isinstance(r["rate"], float | int)]
@@ -198,10 +208,32 @@ def _plots(args: argparse.Namespace, runs: list[dict[str, Any]], slo: SLO, goodp
         run = shown[-1]
         title = f"rate {run['rate']} req/s: attainment {run['attainment']:.3f}"
         plot_latencies(run["requests"], slo, directory / "latency.png", title=title)
+        if run.get("phases"):
+            timeline = [(r["t"], r["instance"], r["phase"], r["prefill_window"]) for r in run["phases"]]
+            plot_phases(timeline, directory / "phases.png", end=run["duration_s"], title=title)
     print(f"plots in {directory}/", file=sys.stderr)
 
 
 async def bench(args: argparse.Namespace, workload: Workload, maker: PromptMaker, slo: SLO) -> int:
+    if not args.nats:
+        return await _bench(args, workload, maker, slo, None)
+    from nats.errors import Error as NatsError
+
+    recorder = PhaseRecorder(args.nats, args.prefix)
+    try:
+        await recorder.start()
+    except (OSError, TimeoutError, NatsError) as exc:
+        print(f"ecoserve bench: cannot subscribe to status reports at {args.nats}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await _bench(args, workload, maker, slo, recorder.book)
+    finally:
+        await recorder.stop()
+
+
+async def _bench(
+    args: argparse.Namespace, workload: Workload, maker: PromptMaker, slo: SLO, phases: PhaseBook | None
+) -> int:
     connector = aiohttp.TCPConnector(limit=0)  # aiohttp's default of 100 connections would cap concurrency
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
@@ -245,6 +277,8 @@ async def bench(args: argparse.Namespace, workload: Workload, maker: PromptMaker
             run = plan_run(workload, maker, n=n, rate=rate, burstiness=args.burstiness, seed=args.seed)
             await execute(client, run, max_concurrency=args.max_concurrency, progress=args.progress)
             document = run_document(run, slo)
+            if phases is not None:
+                document["phases"] = phases.between(run.started_at, run.started_at + run.duration)
             runs.append(document)
             if search is None:
                 print(format_run(document, slo, args.attainment))
@@ -280,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--extra-body must be a JSON object")
     if args.search_factor <= 1:
         parser.error("--search-factor must be greater than 1")
+    try:
+        check_prefix(args.prefix)
+    except ValueError as exc:
+        parser.error(str(exc))
     mode = args.prompt_mode or ("text" if args.api == "chat" else "ids")
     if args.api == "chat" and mode == "ids":
         parser.error("--api chat sends text: use --prompt-mode text")

@@ -4,13 +4,16 @@ JSON (times in seconds, rates in requests/s):
     schema        "ecoserve-bench/1"
     created       ISO-8601 UTC time the report was written
     config        the command's settings: url, api, model, workload (with its scaling), slo, attainment
-                  target, burstiness, duration / num_requests, max_concurrency, seed, search settings
+                  target, burstiness, duration / num_requests, max_concurrency, seed, search settings,
+                  nats (url and prefix, or null)
     runs[]        one per rate run: rate, burstiness, seed, started_at (Unix time), the aggregates of
                   metrics.summarize (num_requests, completed, failed, errors, duration_s, attainment,
                   good_requests, throughputs, and ttft / tpot / itl / e2e / queue_delay distributions with
                   mean, std, median, p90, p99, min, max), and requests[] (metrics.request_record: index,
                   scheduled_s, sent_s, input_len, prompt_tokens, output_len, output_tokens, usage_reported,
                   success, error, ttft_s, tpot_s, e2e_s, itl_s[], meets_slo)
+                  and, with --nats, phases[] (phases.py: t, instance, phase, prefill_window, epoch — the
+                  transitions within the run, each instance's state at its start at t = 0)
     attainment    the single run's attainment, or with --search the attainment at the goodput rate
     search        with --search: target_attainment, the ramp/bisection settings, runs[] (rate, attainment,
                   passed), goodput_rps, lowest_failing_rate, bracketed; otherwise null
