@@ -32,8 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         default=_env("POLICY", "sarathi"),
-        choices=["nodg", "sarathi"],
-        help="intra-instance scheduling policy",
+        choices=["nodg", "sarathi", "padg"],
+        help="intra-instance scheduling policy (padg: prefill only while the coordinator opened the window)",
     )
     p.add_argument(
         "--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "2")), help="KV pool size in GiB"

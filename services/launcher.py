@@ -21,6 +21,14 @@ from services.infra.embedded import EmbeddedServer, start_nats, start_redis
 
 log = logging.getLogger("ecoserve.up")
 
+# strategy → (instance policy, coordinator dispatch policy)
+STRATEGIES: dict[str, tuple[str, str]] = {
+    "padg": ("padg", "padg"),  # EcoServe: temporal disaggregation, rolling prefill windows
+    "nodg": ("nodg", "least_loaded"),  # vLLM-style prefill first
+    "sarathi": ("sarathi", "least_loaded"),  # chunked prefill, decode first
+}
+NOT_WIRED = {"fudg": "the fully disaggregated strategy (fudg) is not wired into `ecoserve up` yet"}
+
 
 @dataclass
 class Child:
@@ -80,8 +88,21 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy",
         default=env("ECOSERVE_STRATEGY", "sarathi"),
-        choices=["nodg", "sarathi"],
-        help="scheduling strategy of every instance",
+        choices=[*STRATEGIES, *NOT_WIRED],
+        help="padg (rolling prefill windows), nodg or sarathi: the instances' policy and the coordinator's "
+        "dispatch",
+    )
+    p.add_argument(
+        "--ttft-slo",
+        type=float,
+        default=float(env("ECOSERVE_TTFT_SLO", "5.0")),
+        help="padg: TTFT SLO in seconds (a prefill window's budget)",
+    )
+    p.add_argument(
+        "--tpot-slo",
+        type=float,
+        default=float(env("ECOSERVE_TPOT_SLO", "0.1")),
+        help="padg: TPOT SLO in seconds (the decode slack a prefill may use)",
     )
     p.add_argument("--dtype", default=env("ECOSERVE_DTYPE", "bf16"))
     p.add_argument(
@@ -132,7 +153,20 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
     cores = os.cpu_count() or 1
     threads = args.threads_per_instance or max(1, cores // max(1, args.instances))
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    children = [Child("coordinator", [python, "-m", "services.coordinator", *common], base_env)]
+    policy, dispatch = STRATEGIES[args.strategy]
+    coordinator = [
+        python,
+        "-m",
+        "services.coordinator",
+        *common,
+        "--dispatch-policy",
+        dispatch,
+        "--ttft-slo",
+        str(args.ttft_slo),
+        "--tpot-slo",
+        str(args.tpot_slo),
+    ]
+    children = [Child("coordinator", coordinator, base_env)]
     for i in range(args.instances):
         env = {**base_env, "OMP_NUM_THREADS": str(threads)}
         argv = [
@@ -149,7 +183,7 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
             "--threads",
             str(threads),
             "--policy",
-            args.strategy,
+            policy,
             "--kv-cache-gb",
             str(args.kv_cache_gb),
             "--max-num-batched-tokens",
@@ -200,6 +234,12 @@ def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.instances < 1:
         print("ecoserve up: --instances must be at least 1", file=sys.stderr)
+        return 2
+    if args.strategy in NOT_WIRED:
+        print(f"ecoserve up: {NOT_WIRED[args.strategy]}; use padg, nodg or sarathi", file=sys.stderr)
+        return 2
+    if not (args.ttft_slo > 0 and args.tpot_slo > 0):
+        print("ecoserve up: --ttft-slo and --tpot-slo must be positive", file=sys.stderr)
         return 2
     from services.instance.models.loader import ModelError, check_architecture, resolve_model_path
 

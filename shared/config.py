@@ -144,6 +144,17 @@ class CoordinatorConfig(CommonConfig):
     coordinator_id: str = setting(doc="this coordinator's id", factory=_generated_id("coordinator"))
     lease_seconds: float = setting(3.0, "an instance silent for this long is considered dead")
     coordinator_lease_seconds: float = setting(5.0, "a standby coordinator takes over after this long")
+    # Scheduling defaults; values set with `ecoserve admin config-set` (kept in Redis) override them. The
+    # coordinator checks them all together at start (services/coordinator/scheduling_config.py).
+    dispatch_policy: str = setting("least_loaded", "least_loaded (NoDG/Sarathi) or padg (rolling activation)")
+    ttft_slo: float = setting(5.0, "PaDG: TTFT SLO in seconds")
+    tpot_slo: float = setting(0.1, "PaDG: TPOT SLO in seconds")
+    padg_variant: str = setting("paper", "PaDG admission check: paper or authors")
+    prefill_rule: str = setting("interpolate", "PaDG prefill-time prediction: interpolate or authors")
+    hold_outputs: bool = setting(False, "PaDG: instances hold output tokens while their window is open")
+    pending_timeout: float = setting(5.0, "PaDG: seconds a request may wait for a prefill window")
+    n_lower: int = setting(3, "mitosis: fewest instances per macro instance")
+    n_upper: int = setting(6, "mitosis: most instances per macro instance")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,9 +170,14 @@ class InstanceConfig(CommonConfig):
 
     instance_id: str = setting(doc="this instance's id (subjects, keys)", factory=_generated_id("instance"))
     heartbeat_interval: float = setting(0.5, "seconds between status reports while idle (busy: every step)")
+    profile_prefill: str = setting(
+        "auto", "measure prefill times at start-up for the coordinator: auto (padg policy only), on, off"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("instance_id", self.instance_id)
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
+        if self.profile_prefill not in ("auto", "on", "off"):
+            raise ValueError(f"profile_prefill must be auto, on or off, got {self.profile_prefill!r}")

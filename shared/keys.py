@@ -30,7 +30,9 @@ def macro_members(prefix: str, macro_instance_id: str) -> str:
 
 
 def macro_state(prefix: str, macro_instance_id: str) -> str:
-    """Hash: the active (prefill) instance, epoch and other scheduler state a coordinator resumes from."""
+    """Hash a coordinator resumes from: `epoch` (membership/state changes), `state:<id>` (ready/draining), and
+    PaDG's `active` (prefill instance), `window_epoch`, `window_opened_at`, `windows:<id>` (windows opened).
+    """
     return f"{check_prefix(prefix)}:macro:{check_id('macro_instance_id', macro_instance_id)}:state"
 
 

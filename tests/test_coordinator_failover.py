@@ -51,7 +51,7 @@ async def test_restart_resumes_membership_order_state_and_config(
         status = (await admin(nats_client, prefix, "status")).result
         assert status["coordinator_id"] == "second"
         assert status["macro_instances"] == [
-            {"macro_instance_id": "m0", "members": ["inst-c", "inst-a", "inst-b"]}
+            {"macro_instance_id": "m0", "members": ["inst-c", "inst-a", "inst-b"], "policy": "least_loaded"}
         ]
         assert [(i["instance_id"], i["state"]) for i in status["instances"]] == [
             ("inst-c", "ready"),

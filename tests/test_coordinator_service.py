@@ -330,6 +330,14 @@ async def test_admin_config_get_and_set(config_for, nats_client: NATS, ecoserve_
             "max_waiting_per_instance": 64,
             "lease_seconds": 2.5,
             "dispatch_timeout": 5.0,
+            "ttft_slo": 5.0,
+            "tpot_slo": 0.1,
+            "padg_variant": "paper",
+            "prefill_rule": "interpolate",
+            "hold_outputs": False,
+            "pending_timeout": 5.0,
+            "n_lower": 3,
+            "n_upper": 6,
         }
         changed = await admin(
             nats_client, ecoserve_prefix, "config-set", lease_seconds="4", dispatch_timeout=1

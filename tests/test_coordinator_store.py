@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from coordinator_support import make_info
 
 from services.coordinator.lease import CoordinatorLease
-from services.coordinator.store import Store, StoredInstance
+from services.coordinator.store import Store, StoredInstance, StoredWindow
 from shared import keys
 from shared.messages import InstanceInfo
 from shared.wire import decode, encode
@@ -92,3 +92,37 @@ async def test_instance_lease_key_expires(redis_client: aioredis.Redis, ecoserve
     key = keys.instance_lease(ecoserve_prefix, "a")
     assert await redis_client.get(key) == b"coord-1"
     assert 0 < await redis_client.pttl(key) <= 200
+
+
+async def test_padg_window_state_only_moves_to_newer_epochs_and_survives_reload(
+    redis_client: aioredis.Redis, ecoserve_prefix: str
+) -> None:
+    store = Store(redis_client, ecoserve_prefix)
+    for name in ("a", "b"):
+        await store.save_instance(make_info(name, ecoserve_prefix), "m0", "ready")
+    assert await store.save_window("m0", epoch=1, active="a", opened_at=10.5, opened=True)
+    assert await store.save_window("m0", epoch=3, active="b", opened_at=12.0, opened=True)
+    # Epoch 2 persisted last (concurrent tasks): counted, but it does not undo epoch 3.
+    assert not await store.save_window("m0", epoch=2, active="a", opened_at=11.0, opened=True)
+    window = (await store.load()).windows["m0"]
+    assert window == StoredWindow(active="b", epoch=3, opened_at=12.0, opened={"a": 2, "b": 1})
+    assert await store.load_window("m0") == window
+    # Nothing active any more (policy switched away), under a new epoch.
+    assert await store.save_window("m0", epoch=4, active=None, opened_at=0.0, opened=False)
+    assert await store.load_window("m0") == StoredWindow(epoch=4, opened={"a": 2, "b": 1})
+
+    # Mitosis moves b to m1: it leaves m0's order, state and window counts.
+    await store.move_instance("b", "m0", "m1", "draining")
+    assert await redis_client.lrange(keys.macro_members(ecoserve_prefix, "m0"), 0, -1) == [b"a"]
+    snapshot = await store.load()
+    assert [(s.info.instance_id, s.macro_instance_id, s.state) for s in snapshot.instances] == [
+        ("a", "m0", "ready"),
+        ("b", "m1", "draining"),
+    ]
+    assert snapshot.windows["m0"].opened == {"a": 2}
+
+    await redis_client.hset(
+        keys.macro_state(ecoserve_prefix, "m1"), mapping={"window_epoch": "x", "windows:b": "y"}
+    )
+    snapshot = await store.load()
+    assert snapshot.windows["m1"] == StoredWindow() and len(snapshot.problems) == 2

@@ -65,3 +65,44 @@ def test_up_serves_and_stops_cleanly_on_ctrl_c(tiny_models, tmp_path):
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], (
         "left processes"
     )
+
+
+def _plan(*flags: str):
+    import argparse
+
+    from services.launcher import add_up_args, plan_children
+
+    parser = argparse.ArgumentParser()
+    add_up_args(parser)
+    args = parser.parse_args(["--instances", "2", *flags])
+    return args, plan_children(args, "nats://n", "redis://r", "/models/m")
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_strategies_set_the_instance_policy_and_the_coordinator_dispatch():
+    for strategy, policy, dispatch in (
+        ("padg", "padg", "padg"),
+        ("nodg", "nodg", "least_loaded"),
+        ("sarathi", "sarathi", "least_loaded"),
+    ):
+        _, children = _plan("--strategy", strategy, "--ttft-slo", "2.5", "--tpot-slo", "0.05")
+        coordinator, *instances, router = children
+        assert _flag(coordinator.argv, "--dispatch-policy") == dispatch
+        assert (_flag(coordinator.argv, "--ttft-slo"), _flag(coordinator.argv, "--tpot-slo")) == (
+            "2.5",
+            "0.05",
+        )
+        assert [_flag(i.argv, "--policy") for i in instances] == [policy, policy]
+        assert router.name == "router"
+
+
+def test_unwired_strategy_and_bad_slos_are_refused_before_starting_anything(capsys):
+    from services.launcher import main
+
+    assert main(["--strategy", "fudg"]) == 2
+    assert "fudg" in capsys.readouterr().err
+    assert main(["--strategy", "padg", "--ttft-slo", "0"]) == 2
+    assert "--ttft-slo" in capsys.readouterr().err

@@ -6,6 +6,7 @@ Unless a test says otherwise: N_l = 3, N_u = 6 (the paper's Figure 7), TTFT SLO 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -232,6 +233,80 @@ def test_config_bounds_are_validated() -> None:
         MitosisConfig(n_lower=0, n_upper=6, ttft_slo=SLO)
     with pytest.raises(ValueError, match="cooldown"):
         MitosisConfig(n_lower=3, n_upper=6, ttft_slo=SLO, cooldown=-1)
+
+
+# ---- by hand: assign, release, reconfigure, restore ----
+
+
+def test_assign_places_like_an_expansion_or_where_asked_and_splits_past_n_upper() -> None:
+    mitosis = Mitosis(PATIENT, {"m0": names("a", 5), "m1": names("b", 3)}, spares=names("s", 3))
+    assert mitosis.assign("s1", None, "by hand") == [AddInstance("s1", "m0", False, "by hand")]
+    actions = mitosis.assign("s0", "m0", "by hand")
+    assert actions == [AddInstance("s0", "m0", False, "by hand"), Split("m0", "m2", ("a4", "s1", "s0"))]
+    assert mitosis.spares == ["s2"]
+    with pytest.raises(ValueError, match="already in m1"):
+        mitosis.assign("b0", None, "by hand")
+    with pytest.raises(ValueError, match="no macro instance 'm7'"):
+        mitosis.assign("s2", "m7", "by hand")
+    assert mitosis.spares == ["s2"]  # a refused assignment changes nothing
+
+
+def test_release_drains_a_member_and_merges_what_then_fits() -> None:
+    mitosis = Mitosis(PATIENT, {"m0": names("a", 5), "m1": names("b", 3)})
+    assert mitosis.release("a0", "by hand") == [RemoveInstance("a0", "m0", "by hand")]  # 4 + 3 > N_u
+    actions = mitosis.release("b2", "by hand")
+    assert actions == [RemoveInstance("b2", "m1", "by hand"), Merge("m1", "m0", ("b0", "b1"))]
+    assert mitosis.macros == {"m0": ["a1", "a2", "a3", "a4", "b0", "b1"]} and mitosis.draining == ["a0", "b2"]
+    # Taking a draining instance back cancels its removal.
+    assert mitosis.assign("a0", "m0", "back")[0] == AddInstance("a0", "m0", False, "back")  # (m0 then splits)
+    assert mitosis.draining == ["b2"]
+    lone = Mitosis(PATIENT, {"m0": ["a"]})
+    with pytest.raises(ValueError, match="last one serving"):
+        lone.release("a", "by hand")
+    with pytest.raises(ValueError, match="not a member"):
+        lone.release("zz", "by hand")
+
+
+def test_a_release_that_empties_a_macro_instance_removes_it() -> None:
+    config = MitosisConfig(n_lower=1, n_upper=3, ttft_slo=SLO)
+    mitosis = Mitosis(config, {"m0": ["a", "b", "c"], "m1": ["d"]})
+    assert mitosis.release("d", "by hand") == [RemoveInstance("d", "m1", "by hand")]
+    assert mitosis.macros == {"m0": ["a", "b", "c"]}
+
+
+def test_reconfigure_keeps_evidence_unless_the_slo_changes() -> None:
+    mitosis = Mitosis(PATIENT, {"m0": names("a", 3)}, spares=["s0"])
+    for t in range(4):
+        mitosis.observe_ttft(1.5 * SLO, float(t))
+        assert mitosis.tick(float(t)) == []  # held since t=2, for 5 s
+    # A shorter hold applies to the wait already under way.
+    mitosis.reconfigure(dataclasses.replace(PATIENT, hold=1.0), 4.0)
+    mitosis.observe_ttft(1.5 * SLO, 4.0)
+    assert [type(a) for a in mitosis.tick(4.0)] == [AddInstance]
+    # A new SLO restarts the evidence: the old samples were judged against the old one.
+    mitosis = Mitosis(PATIENT, {"m0": names("a", 3)}, spares=["s0"])
+    for t in range(3):
+        mitosis.observe_ttft(1.5 * SLO, float(t))
+    mitosis.reconfigure(dataclasses.replace(PATIENT, ttft_slo=1.2 * SLO), 3.0)
+    assert mitosis.signals(3.0).mean_ttft is None
+    with pytest.raises(ValueError, match="prefix"):
+        mitosis.reconfigure(dataclasses.replace(PATIENT, macro_prefix="x"), 3.0)
+
+
+def test_draining_instances_can_be_restored_and_finish_into_the_pool() -> None:
+    mitosis = Mitosis(PATIENT, {"m0": names("a", 3)}, spares=["s0"], draining=["d0"])
+    assert mitosis.draining == ["d0"] and mitosis.spares == ["s0"]
+    mitosis.drained("d0")
+    assert mitosis.spares == ["s0", "d0"]
+    with pytest.raises(ValueError, match="already known"):
+        Mitosis(PATIENT, {"m0": ["a"]}, draining=["a"])
+
+
+def test_repair_alone_ignores_the_signals() -> None:
+    mitosis = Mitosis(EAGER, {"m0": names("a", 2)}, spares=names("s", 3))
+    mitosis.observe_ttft(9.0, 0.0)
+    assert [(a.instance_id, a.macro_id) for a in mitosis.repair()] == [("s0", "m0")]  # type: ignore[union-attr]
+    assert mitosis.repair() == [] and mitosis.spares == ["s1", "s2"]
 
 
 # ---- signal building blocks ----

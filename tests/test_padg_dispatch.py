@@ -422,3 +422,17 @@ def test_config_is_validated() -> None:
         PadgConfig(ttft_slo=0, tpot_slo=0.1)
     with pytest.raises(ValueError, match="variant"):
         PadgConfig(ttft_slo=1, tpot_slo=0.1, variant="fastest")  # type: ignore[arg-type]
+
+
+def test_a_prompt_over_the_whole_budget_gets_an_empty_window_instead_of_waiting_for_ever() -> None:
+    d = dispatcher("A", "B")
+    assigned(d.decide(request("r1", 50), NOW))
+    # 1.5 s alone: not after r1 in A's window, but B's window is empty.
+    big = assigned(d.decide(request("r2", 150), NOW))
+    assert [(v.instance_id, v.ok, v.rule) for v in big.verdicts] == [
+        ("A", False, "ttft_budget"),
+        ("B", True, "oversized"),
+    ]
+    # Nothing else joins that window: the next request rolls on to A (its unprefilled r1 carried over).
+    after = assigned(d.decide(request("r3", 10), NOW))
+    assert [(v.instance_id, v.rule) for v in after.verdicts] == [("B", "ttft_budget"), ("A", "fits")]

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from services.coordinator.scheduling_config import scheduling_defaults
 from services.coordinator.service import CoordinatorService
 from shared.config import CoordinatorConfig
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         config = CoordinatorConfig.from_args(parser.parse_args(argv))
+        scheduling_defaults(config)  # a bad scheduling flag is a usage error, found before connecting
     except ValueError as error:  # a bad $ECOSERVE_* value or flag
         print(f"coordinator: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ from nats.micro.service import Service
 from services.coordinator.admin_api import COMMANDS, SERVICE_NAME, SERVICE_VERSION, endpoint_subject
 from services.coordinator.leader import Leader
 from services.coordinator.registry import InstanceRecord, UnknownInstance
+from services.coordinator.scaling import SPARE_POOL, ScalingController, ScalingError
+from services.coordinator.scaling_admin import ScalingCommands
+from services.coordinator.scaling_settings import SettingsError
 from services.coordinator.scheduling_config import ConfigError
 from services.infra.nats_sync import synced
 from shared import subjects
@@ -51,15 +54,19 @@ def instance_summary(record: InstanceRecord, position: int, now: float, inflight
         "last_heartbeat_age": round(now - record.last_heartbeat, 3),
         "model": record.info.model,
         "policy": record.info.policy,
+        "prefill_window": status.prefill_window if status else None,  # padg policy: window open?
+        "window_epoch": status.window_epoch if status else None,
         "host": record.info.host,
         "pid": record.info.pid,
     }
 
 
 class AdminService:
-    def __init__(self, nc: NATS, leader: Leader):
+    def __init__(self, nc: NATS, leader: Leader, scaling: ScalingController | None = None):
         self.nc = nc
         self.leader = leader
+        # Mitosis scaling's commands; without a controller they answer that scaling is not running.
+        self.scaling = ScalingCommands(scaling, leader.update_config) if scaling is not None else None
         self._service: Service | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
@@ -69,6 +76,10 @@ class AdminService:
             "remove": self._remove,
             "config-get": self._config_get,
             "config-set": self._config_set,
+            "add-instance": self._scaling_command(ScalingCommands.add_instance),
+            "remove-instance": self._scaling_command(ScalingCommands.remove_instance),
+            "scaling-get": self._scaling_command(ScalingCommands.get),
+            "scaling-set": self._scaling_command(ScalingCommands.set),
         }
 
     async def start(self) -> None:
@@ -110,7 +121,7 @@ class AdminService:
             )
         try:
             return AdminReply(ok=True, result=await self._commands[command](admin_request.args))
-        except (AdminError, UnknownInstance, ConfigError) as error:
+        except (AdminError, UnknownInstance, ConfigError, ScalingError, SettingsError) as error:
             return AdminReply(ok=False, error=str(error))
         except Exception as error:
             log.exception("admin command %s failed", command)
@@ -125,13 +136,29 @@ class AdminService:
             "leader": True,
             "time": time.time(),
             "macro_instances": [
-                {"macro_instance_id": macro, "members": registry.members(macro)}
+                {
+                    "macro_instance_id": macro,
+                    "members": registry.members(macro),
+                    **self.leader.macro_summary(macro),  # dispatch policy; PaDG: activation, epoch, queue
+                }
                 for macro in registry.macro_instances()
+                if macro != SPARE_POOL  # the spare pool is listed under "scaling"
             ],
             "instances": self._summaries(),
             "inflight_requests": len(self.leader.inflight),
             "config": self.leader.scheduling.to_dict(),
+            **(await self.scaling.status_section() if self.scaling is not None else {}),
         }
+
+    def _scaling_command(
+        self, command: Callable[[ScalingCommands, dict[str, Any]], Awaitable[dict[str, Any]]]
+    ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+        async def run(args: dict[str, Any]) -> dict[str, Any]:
+            if self.scaling is None:
+                raise AdminError("mitosis scaling is not running in this coordinator")
+            return await command(self.scaling, args)
+
+        return run
 
     async def _instances(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"instances": self._summaries()}

@@ -5,6 +5,7 @@
 
     ecoserve admin [--nats-url URL] [--prefix P] [--timeout S] [--json] COMMAND
       status | instances | drain ID | resume ID | remove ID | config [KEY=VALUE ...]
+      add-instance [ID] [--macro M] | remove-instance ID | scaling [KEY=VALUE ...]
 
 Exit status 0 on success, 1 when the coordinator refuses the command or nobody answers, 2 on usage errors.
 """
@@ -16,6 +17,7 @@ import asyncio
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -58,23 +60,46 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         commands.add_parser(name, help=text).add_argument("instance_id")
     config = commands.add_parser("config", help="show the scheduling configuration, or set KEY=VALUE ...")
     config.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+    add = commands.add_parser(
+        "add-instance", help="take a spare instance (the first, or ID) into a macro instance (mitosis)"
+    )
+    add.add_argument("instance_id", nargs="?", help="the spare to add (default: the first spare)")
+    add.add_argument(
+        "--macro", dest="macro_instance_id", help="the macro instance (default: as expansion does)"
+    )
+    commands.add_parser(
+        "remove-instance", help="take an instance out of its macro instance: it drains, then is a spare"
+    ).add_argument("instance_id")
+    scaling = commands.add_parser(
+        "scaling", help="show mitosis scaling (settings, spares, signals), or set KEY=VALUE ... (enabled=on)"
+    )
+    scaling.add_argument("settings", nargs="*", metavar="KEY=VALUE")
     return parser
+
+
+def _settings(values: list[str]) -> dict[str, Any]:
+    updates: dict[str, Any] = {}
+    for setting in values:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise AdminCallError(f"expected KEY=VALUE, got {setting!r}")
+        updates[key] = value  # the coordinator parses and validates the text
+    return updates
 
 
 def request_for(args: argparse.Namespace) -> AdminRequest:
     command: str = args.admin_command
     if command in ("drain", "resume", "remove"):
         return AdminRequest(command=command, args={"instance_id": args.instance_id})
-    if command == "config":
+    if command in ("config", "scaling"):
         if not args.settings:
-            return AdminRequest(command="config-get")
-        updates: dict[str, Any] = {}
-        for setting in args.settings:
-            key, sep, value = setting.partition("=")
-            if not sep or not key:
-                raise AdminCallError(f"expected KEY=VALUE, got {setting!r}")
-            updates[key] = value  # the coordinator parses and validates the text
-        return AdminRequest(command="config-set", args=updates)
+            return AdminRequest(command=f"{command}-get")
+        return AdminRequest(command=f"{command}-set", args=_settings(args.settings))
+    if command == "add-instance":
+        chosen = {"instance_id": args.instance_id, "macro_instance_id": args.macro_instance_id}
+        return AdminRequest(command=command, args={k: v for k, v in chosen.items() if v is not None})
+    if command == "remove-instance":
+        return AdminRequest(command=command, args={"instance_id": args.instance_id})
     return AdminRequest(command=command)
 
 
@@ -154,6 +179,70 @@ def render_instances(instances: list[dict[str, Any]]) -> list[str]:
     return _table(rows)
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+def _ratio(value: float | str | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if value == "inf" else f"{float(value):.2f}x"
+
+
+def _macros(event: dict[str, Any]) -> str:
+    # A split or a merge names its source first: source → the other.
+    return " → ".join(event["macros"]) if event["action"] in ("split", "merge") else ",".join(event["macros"])
+
+
+def render_events(events: list[dict[str, Any]]) -> list[str]:
+    """Scaling events as a table, oldest first."""
+    if not events:
+        return ["no scaling events"]
+    rows = [["TIME (UTC)", "ACTION", "CAUSE", "MACROS", "INSTANCES", "MEAN TTFT", "SLACK", "REASON"]]
+    for event in events:
+        rows.append(
+            [
+                datetime.fromtimestamp(event["time"], UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                event["action"],
+                event["cause"],
+                _macros(event) or "-",
+                ",".join(event["instances"]) or "-",
+                _seconds(event["mean_ttft"]),
+                _ratio(event["slack_ratio"]),
+                event["reason"],
+            ]
+        )
+    return _table(rows)
+
+
+def render_event(event: dict[str, Any]) -> str:
+    """One event as a sentence (what an add-instance or remove-instance did)."""
+    instances = ", ".join(event["instances"]) or "-"
+    return f"{event['action']} {instances} ({_macros(event)}): {event['cause']}, {event['reason']}"
+
+
+def render_scaling(view: dict[str, Any]) -> list[str]:
+    """Mitosis scaling's state: settings, spares, draining instances, signals."""
+    settings = view["settings"]
+    lines = [
+        f"scaling: {'on' if view['enabled'] else 'off'} (N_l={settings['n_lower']} N_u={settings['n_upper']} "
+        f"TTFT SLO {settings['ttft_slo']}s; window {settings['window']}s, hold {settings['hold']}s, "
+        f"cooldown {settings['cooldown']}s; macro choice {settings['macro_choice']})",
+        "spares: "
+        + (", ".join(view["spares"]) or "(none)")
+        + (f"; draining: {', '.join(view['draining'])}" if view["draining"] else ""),
+    ]
+    signals = view["signals"]
+    states = [
+        name.replace("_", " ") for name in ("overloaded", "over_provisioned", "cooling_down") if signals[name]
+    ]
+    lines.append(
+        f"signals: mean TTFT {_seconds(signals['mean_ttft'])}, saved TPOT {_ratio(signals['slack_ratio'])} "
+        "its bound" + "".join(f"; {state}" for state in states)
+    )
+    return lines
+
+
 def render(request: AdminRequest, result: dict[str, Any]) -> list[str]:
     command = request.command
     if command == "status":
@@ -167,6 +256,12 @@ def render(request: AdminRequest, result: dict[str, Any]) -> list[str]:
             lines.append("no macro instances")
         lines += ["", *render_instances(result["instances"]), ""]
         lines.append("config: " + " ".join(f"{k}={v}" for k, v in result["config"].items()))
+        if "scaling" in result:
+            lines += ["", *render_scaling(result["scaling"])]
+        if "scaling_events" in result:
+            lines += ["recent scaling events:", *render_events(result["scaling_events"])]
+            if "scaling_events_error" in result:
+                lines.append(f"(could not read the event log: {result['scaling_events_error']})")
         return lines
     if command == "instances":
         return render_instances(result["instances"])
@@ -177,8 +272,24 @@ def render(request: AdminRequest, result: dict[str, Any]) -> list[str]:
             else f"not acknowledged: {result['instance_error']}"
         )
         return [f"instance {result['instance_id']}: {result['state']} (instance {heard})"]
+    if command in ("add-instance", "remove-instance"):
+        return [render_event(event) for event in result["events"]] + render_scaling(result["scaling"])[1:2]
+    if command in ("scaling-get", "scaling-set"):
+        view = result["scaling"]
+        lines = [f"set {', '.join(result['changed'])}"] if command == "scaling-set" else []
+        lines += render_scaling(view)
+        lines += [
+            f"macro instance {macro['macro_instance_id']}: {', '.join(macro['members'])}"
+            for macro in view["macro_instances"]
+        ]
+        settings = view["settings"]
+        return lines + [""] + [f"{key} = {_setting(value)}" for key, value in settings.items()]
     lines = [f"set {', '.join(result['changed'])}"] if command == "config-set" else []
     return lines + [f"{key} = {value}" for key, value in result["config"].items()]
+
+
+def _setting(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def run(args: argparse.Namespace) -> int:

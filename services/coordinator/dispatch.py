@@ -1,8 +1,9 @@
 """Dispatch policies: which instance of a macro instance gets the next request. Pure: no I/O, no clock.
 
 A policy sees the macro instance's members as `Candidate`s, in membership (rolling) order, and returns a
-`Decision`. The PaDG dispatcher (rolling prefill activation) will be another `DispatchPolicy` next to
-`LeastLoaded`; the coordinator picks one by the `dispatch_policy` configuration key.
+`Decision`. `LeastLoaded` balances NoDG/Sarathi instances. PaDG's rolling activation keeps state between
+requests (windows, activation), so it is not a `DispatchPolicy`: it is `padg.MacroInstanceDispatcher`,
+driven by padg_dispatcher.py; the `dispatch_policy` configuration key picks between the two.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Submit → dispatch: ask the dispatch policy for an instance, hand it the request, and tell the router
-where it went (SubmitAck) or why it could not go anywhere (ErrorReply).
+"""Submit → dispatch with the least-loaded policy: ask it for an instance, hand it the request, and tell the
+router where it went (SubmitAck) or why it could not go anywhere (ErrorReply). `send` (one instance, with
+the registry and in-flight bookkeeping) is shared with the PaDG dispatch (padg_dispatcher.py).
 
 An instance that does not take the request (no answer in time, not listening, draining, full) is left out
 and the policy asked again, up to MAX_DISPATCH_ATTEMPTS instances; an instance's verdict on the request
@@ -13,7 +14,7 @@ import time
 
 from nats.aio.client import Client as NATS
 
-from services.coordinator.dispatch import Dispatch, DispatchPolicy, Overloaded, make_policy
+from services.coordinator.dispatch import POLICIES, Dispatch, DispatchPolicy, Overloaded, make_policy
 from services.coordinator.inflight import Inflight, InflightTracker
 from services.coordinator.instance_link import ask
 from services.coordinator.registry import Registry
@@ -33,10 +34,10 @@ class Dispatcher:
         self.registry = registry
         self.inflight = inflight
         self.scheduling = scheduling
-        self.policy: DispatchPolicy = make_policy(scheduling.dispatch_policy)
+        self.policy: DispatchPolicy = _balancing_policy(scheduling)
 
     def configure(self, scheduling: SchedulingConfig) -> None:
-        self.policy = make_policy(scheduling.dispatch_policy)
+        self.policy = _balancing_policy(scheduling)
         self.scheduling = scheduling
 
     async def dispatch(self, submit: SubmitRequest, macro_instance_id: str) -> SubmitAck | ErrorReply:
@@ -53,14 +54,14 @@ class Dispatcher:
                 code = "overloaded" if isinstance(decision, Overloaded) else "unavailable"
                 message = "; ".join([decision.message, *failures])
                 return ErrorReply(code=code, message=message, retry_after=decision.retry_after)
-            outcome = await self._send(submit, decision.instance_id)
+            outcome = await self.send(submit, decision.instance_id)
             if not isinstance(outcome, str):
                 return outcome
             failures.append(outcome)
             excluded.add(decision.instance_id)
         return ErrorReply(code="unavailable", message="; ".join(failures), retry_after=RETRY_AFTER)
 
-    async def _send(self, submit: SubmitRequest, instance_id: str) -> SubmitAck | ErrorReply | str:
+    async def send(self, submit: SubmitRequest, instance_id: str) -> SubmitAck | ErrorReply | str:
         """The router's answer, or (a str) why this instance did not take the request."""
         record = self.registry.get(instance_id)
         request = DispatchRequest.from_submit(submit, instance_id=instance_id, dispatch_time=time.time())
@@ -91,3 +92,10 @@ class Dispatcher:
             problem = f"instance {instance_id} answered a {type(reply).__name__}"
         log.info("request %s not dispatched: %s", submit.request_id, problem)
         return problem
+
+
+def _balancing_policy(scheduling: SchedulingConfig) -> DispatchPolicy:
+    """The policy by name; `padg` is not one of these (its dispatch lives in padg_dispatcher.py), so it
+    gets least-loaded here, which is what requests are balanced by right after switching away from it."""
+    name = scheduling.dispatch_policy
+    return make_policy(name if name in POLICIES else "least_loaded")

@@ -1,6 +1,6 @@
 """What the coordinator holding the macro instance's lease does: the instance registry (register,
-heartbeats, deregister, lease expiry), taking submits (handed to the Dispatcher), and the state changes
-admin commands ask for.
+heartbeats, deregister, lease expiry), taking submits (handed to the PaDG dispatch while `dispatch_policy` is
+`padg`, to the least-loaded Dispatcher otherwise), and the state changes admin commands ask for.
 
 A `Leader` lives exactly as long as the lease is held: `start` subscribes, `stop` unsubscribes, and the
 in-memory state dies with it (the next holder reloads Redis). NATS callbacks of one subscription run one
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -25,9 +25,12 @@ from redis.exceptions import RedisError
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.inflight import InflightTracker
 from services.coordinator.instance_link import ask
+from services.coordinator.padg_dispatcher import PadgDispatch, PadgHooks, Rerouted
 from services.coordinator.registry import DEFAULT_MACRO_INSTANCE, AdminState, InstanceRecord, Registry
+from services.coordinator.scaling_ops import build_scaling, ready_members
+from services.coordinator.scaling_settings import BOUND_KEYS, ScalingSettings
 from services.coordinator.scheduling_config import SchedulingConfig
-from services.coordinator.store import Snapshot, Store
+from services.coordinator.store import Snapshot, Store, StoredWindow
 from services.infra.nats_sync import synced
 from shared import subjects
 from shared.messages import (
@@ -40,8 +43,10 @@ from shared.messages import (
     InstanceInfo,
     InstanceLost,
     InstanceStatus,
+    PrefillWindow,
     RegisterAck,
     RegisterInstance,
+    SubmitAck,
     SubmitRequest,
     TokenChunk,
 )
@@ -50,9 +55,11 @@ from shared.wire import Message, WireError, decode, encode
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25  # seconds between instance lease checks
+SCALING_INTERVAL = 0.25  # seconds between mitosis ticks (finished drains, repairs, signals)
 CONTROL_TIMEOUT = 2.0  # seconds an instance gets to answer an InstanceControl
 REGISTER_PROMPT_INTERVAL = 1.0  # at most one "register again" per unknown instance per interval
 LOST_CHUNK_SEQ = -1  # seq of the coordinator's terminal error chunk: never a real chunk's seq
+STRAY_WINDOW_INTERVAL = 1.0  # seconds between two "open your window" orders to one instance outside PaDG
 
 
 class Leader:
@@ -65,6 +72,7 @@ class Leader:
         coordinator_id: str,
         scheduling: SchedulingConfig,
         snapshot: Snapshot,
+        scaling_settings: ScalingSettings | None = None,
     ):
         self.nc = nc
         self.store = store
@@ -82,10 +90,32 @@ class Leader:
         self._prompted: dict[str, float] = {}  # unknown instance → when it was last asked to register
         self._departed: dict[str, float] = {}  # deregistered instance → until when its reports are ignored
         self._lease_written: dict[str, float] = {}  # instance → when its Redis lease key was last refreshed
+        self._stray_opened: dict[str, float] = {}  # instance → when it was last told to open (least_loaded)
+        # Listeners of PaDG status deltas and activations (mitosis); they outlive policy switches.
+        self.hooks = PadgHooks()
+        # The overall scheduler (mitosis sets it): the macro instance for a submit that names none.
+        self.choose_macro: Callable[[], str | None] | None = None
+        self.padg: PadgDispatch | None = None
+        if scheduling.dispatch_policy == "padg":
+            self.padg = self._new_padg(scheduling, snapshot.windows)
+        # Mitosis scaling: membership from the registry just restored; it listens to self.hooks.
+        self.scaling = build_scaling(self, scaling_settings or ScalingSettings())
+        self._scaler: asyncio.Task[None] | None = None
 
     @property
     def scheduling(self) -> SchedulingConfig:
         return self.dispatcher.scheduling
+
+    def _new_padg(self, scheduling: SchedulingConfig, windows: dict[str, StoredWindow]) -> PadgDispatch:
+        return PadgDispatch(
+            nc=self.nc,
+            store=self.store,
+            registry=self.registry,
+            sender=self.dispatcher,
+            scheduling=scheduling,
+            windows=windows,
+            hooks=self.hooks,
+        )
 
     # ---- lifecycle ----
 
@@ -93,7 +123,7 @@ class Leader:
         queue = subjects.COORDINATOR_QUEUE
         handlers = [
             (subjects.submit(self.prefix), queue, self._on_submit),
-            (subjects.submit(self.prefix, DEFAULT_MACRO_INSTANCE), queue, self._on_submit),
+            (subjects.submit_all(self.prefix), queue, self._on_submit),  # a submit naming its macro instance
             (subjects.register(self.prefix), queue, self._on_register),
             (subjects.deregister(self.prefix), queue, self._on_deregister),
             (subjects.status_all(self.prefix), "", self._on_status),
@@ -102,6 +132,7 @@ class Leader:
             self._subscriptions.append(await self.nc.subscribe(subject, queue=group, cb=callback))
         await synced(self.nc)
         self._checker = asyncio.create_task(self._check_leases(), name="coordinator-lease-check")
+        self._scaler = asyncio.create_task(self._scale(), name="coordinator-scaling")
         await self._cluster_changed("coordinator took over")
 
     async def stop(self) -> None:
@@ -109,9 +140,12 @@ class Leader:
             with contextlib.suppress(NatsError):
                 await subscription.unsubscribe()
         self._subscriptions.clear()
-        if self._checker is not None:
-            self._checker.cancel()
-            await asyncio.gather(self._checker, return_exceptions=True)
+        for task in (self._checker, self._scaler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.padg is not None:
+            await self.padg.stop()
         # Requests already being dispatched get a moment to answer their routers.
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=1.0)
@@ -137,11 +171,24 @@ class Leader:
             return
         macro = msg.subject.rsplit(".", 1)[1] if msg.subject != subjects.submit(self.prefix) else None
         try:
-            reply = await self.dispatcher.dispatch(submit, macro or DEFAULT_MACRO_INSTANCE)
+            if macro is None and self.choose_macro is not None:
+                macro = self.choose_macro()
+            # The overall scheduler picks the macro instance (none ready: the default one, which says so).
+            chosen = macro or self.scaling.choose_macro(ready_members(self.registry))
+            reply = await self._dispatch(submit, chosen or DEFAULT_MACRO_INSTANCE)
         except Exception:
             log.exception("dispatch of request %s failed", submit.request_id)
             reply = ErrorReply(code="internal", message="the coordinator failed to dispatch the request")
         await _respond(msg, reply)
+
+    async def _dispatch(self, submit: SubmitRequest, macro_instance_id: str) -> SubmitAck | ErrorReply:
+        padg = self.padg
+        if padg is not None:
+            try:
+                return await padg.dispatch(submit, macro_instance_id)
+            except Rerouted:
+                pass  # the policy changed while the request waited for a window
+        return await self.dispatcher.dispatch(submit, macro_instance_id)
 
     # ---- registration and heartbeats ----
 
@@ -155,7 +202,10 @@ class Leader:
         except ValueError as error:
             await _respond(msg, self._register_ack(None, str(error)))
             return
-        record, joined = self.registry.register(info, DEFAULT_MACRO_INSTANCE, time.monotonic())
+        # A new instance goes where mitosis says (a macro instance or the pool); a known one keeps its place.
+        known = info.instance_id in self.registry
+        macro = DEFAULT_MACRO_INSTANCE if known else self.scaling.admit(info.instance_id)
+        record, joined = self.registry.register(info, macro, time.monotonic())
         self._departed.pop(info.instance_id, None)
         self._prompted.pop(info.instance_id, None)
         try:
@@ -165,8 +215,13 @@ class Leader:
             log.error("could not persist instance %s: %s", info.instance_id, error)
             if joined == "new":
                 self.registry.remove(info.instance_id)
+                await self.scaling.lost(info.instance_id, "its registration could not be stored")
             await _respond(msg, ErrorReply(code="internal", message=f"coordinator storage failed: {error}"))
             return
+        if self.padg is not None:
+            if joined == "restarted":
+                self.padg.leave(info.instance_id)  # its windows and requests died with the old process
+            self.padg.sync(record)
         await _respond(msg, self._register_ack(record.macro_instance_id))
         log.info("instance %s registered (%s, %s)", info.instance_id, joined, record.state)
         if joined == "restarted":
@@ -198,10 +253,38 @@ class Leader:
             await self._unknown_reporter(status.instance_id, now)
             return
         self.inflight.observe(status)
+        if self.padg is not None:
+            try:
+                self.padg.observe(status, record)
+            except Exception:  # one odd report must not stop the status loop (or the lease refresh below)
+                log.exception("PaDG could not apply the status of %s", status.instance_id)
+        elif status.prefill_window is False:
+            self._open_stray_window(record, status, now)
         try:
             await self._touch_lease(record)
         except RedisError as error:
             log.warning("could not refresh the lease key of %s: %s", status.instance_id, error)
+
+    def _open_stray_window(self, record: InstanceRecord, status: InstanceStatus, now: float) -> None:
+        """Outside PaDG nobody rolls windows, so a padg-policy instance with its window closed would hold its
+        prompts for ever: open it (above its own epoch; PaDG continues above that when it comes back)."""
+        if now - self._stray_opened.get(record.instance_id, -STRAY_WINDOW_INTERVAL) < STRAY_WINDOW_INTERVAL:
+            return
+        self._stray_opened[record.instance_id] = now
+        order = PrefillWindow(
+            active=True, epoch=status.window_epoch + 1, time=time.time(), ttft_slo=self.scheduling.ttft_slo
+        )
+        log.info(
+            "instance %s has its prefill window closed under %s: opening it",
+            record.instance_id,
+            self.scheduling.dispatch_policy,
+        )
+        self._spawn(self._window_logged(record, order))
+
+    async def _window_logged(self, record: InstanceRecord, order: PrefillWindow) -> None:
+        reply = await ask(self.nc, record.info.subjects.control, order, CONTROL_TIMEOUT)
+        if not (isinstance(reply, AdminReply) and reply.ok):
+            log.warning("instance %s did not open its window: %s", record.instance_id, reply)
 
     async def _unknown_reporter(self, instance_id: str, now: float) -> None:
         """An instance reports but is not registered (this coordinator lost it): ask it to register."""
@@ -234,6 +317,9 @@ class Leader:
         self.inflight.take_instance(goodbye.instance_id)
         self._departed[goodbye.instance_id] = time.monotonic() + max(5.0, 2 * self.scheduling.lease_seconds)
         record = self.registry.remove(goodbye.instance_id)
+        await self.scaling.lost(goodbye.instance_id, f"deregistered: {goodbye.reason}")
+        if self.padg is not None:
+            self.padg.leave(goodbye.instance_id)
         await self._forget([record])
         log.info("instance %s deregistered: %s", goodbye.instance_id, goodbye.reason)
         await self._cluster_changed("instance deregistered", record.macro_instance_id)
@@ -251,10 +337,14 @@ class Leader:
     async def check_leases_once(self, now: float) -> None:
         expired = self.registry.expire(now)
         if expired:
+            if self.padg is not None:
+                for record in expired:
+                    self.padg.leave(record.instance_id)
             await self._forget(expired)
             reason = f"no status report for more than {self.scheduling.lease_seconds}s"
             for record in expired:
                 log.warning("instance %s lost: %s", record.instance_id, reason)
+                await self.scaling.lost(record.instance_id, reason)
                 lost = InstanceLost(instance_id=record.instance_id, reason=reason, time=time.time())
                 await self.nc.publish(subjects.instance_lost(self.prefix), encode(lost))
                 await self._fail_requests(record.instance_id, f"instance {record.instance_id} lost: {reason}")
@@ -263,6 +353,14 @@ class Leader:
         for table, horizon in ((self._prompted, now - 60.0), (self._departed, now)):
             for instance_id in [i for i, t in table.items() if t < horizon]:
                 del table[instance_id]
+
+    async def _scale(self) -> None:
+        while True:
+            await asyncio.sleep(SCALING_INTERVAL)
+            try:
+                await self.scaling.tick(time.monotonic())
+            except Exception:
+                log.exception("mitosis scaling tick failed")
 
     async def _fail_requests(self, instance_id: str, error: str) -> None:
         """End the streams of the instance's unfinished requests with a terminal error chunk."""
@@ -282,6 +380,7 @@ class Leader:
     async def _forget(self, records: list[InstanceRecord]) -> None:
         for record in records:
             self._lease_written.pop(record.instance_id, None)
+            self._stray_opened.pop(record.instance_id, None)
         try:
             await self.store.delete_instances((r.instance_id, r.macro_instance_id) for r in records)
         except RedisError as error:
@@ -293,6 +392,8 @@ class Leader:
     async def set_state(self, instance_id: str, state: AdminState, command: ControlCommand) -> dict[str, Any]:
         """Mark the instance ready/draining (persisted), then tell it; returns what the instance said."""
         record = self.registry.set_state(instance_id, state)
+        if self.padg is not None:
+            self.padg.sync(record)
         await self.store.save_state(instance_id, record.macro_instance_id, state)
         await self._cluster_changed(f"instance {state}", record.macro_instance_id)
         ok, error = await self.control(instance_id, command)
@@ -306,10 +407,56 @@ class Leader:
     async def update_config(self, updates: dict[str, Any]) -> SchedulingConfig:
         """Validate, persist and apply (ConfigError naming the bad key)."""
         config = self.scheduling.updated(updates)
+        windows = None
+        if config.dispatch_policy == "padg" and self.padg is None:
+            # Read before anything changes: PaDG continues above the epochs it persisted last time.
+            windows = {m: await self.store.load_window(m) for m in self.registry.macro_instances()}
         await self.store.save_config({k: v for k, v in config.to_text().items() if k in updates})
+        before = self.scheduling.dispatch_policy
         self.dispatcher.configure(config)
         self.registry.lease_seconds = config.lease_seconds
+        if windows is not None:
+            self.padg = self._new_padg(config, windows)
+            log.info("dispatch policy %s -> padg", before)
+        elif config.dispatch_policy != "padg" and self.padg is not None:
+            padg, self.padg = self.padg, None
+            await padg.open_all()
+            await padg.stop(reroute=True)
+            log.info("dispatch policy padg -> %s: every prefill window opened", config.dispatch_policy)
+        elif self.padg is not None:
+            self.padg.configure(config)
+        if BOUND_KEYS & updates.keys():
+            bounds = {"n_lower": config.n_lower, "n_upper": config.n_upper, "ttft_slo": config.ttft_slo}
+            await self.scaling.set_bounds(time.monotonic(), **bounds)
         return config
+
+    async def move_instance(self, instance_id: str, macro_instance_id: str) -> InstanceRecord:
+        """Move a member to another macro instance (mitosis: only control moves, the instance keeps its
+        requests and KV). Persisted, then the PaDG state follows: the instance leaves the old rolling cycle
+        (the next in line takes over if it was the prefill instance) and joins the end of the new one with
+        its last report."""
+        record = self.registry.get(instance_id)
+        source = record.macro_instance_id
+        if source == macro_instance_id:
+            return record
+        subjects.check_id("macro_instance_id", macro_instance_id)
+        await self.store.move_instance(instance_id, source, macro_instance_id, record.state)
+        record = self.registry.move(instance_id, macro_instance_id)
+        if self.padg is not None:
+            self.padg.leave(instance_id)
+            self.padg.sync(record)
+        await self._cluster_changed(f"instance moved from {source}", macro_instance_id)
+        return record
+
+    def ttft_budget_left(self, macro_instance_id: str) -> float | None:
+        """Seconds of prefill the macro instance's open window can still admit (None outside PaDG)."""
+        return None if self.padg is None else self.padg.ttft_budget_left(macro_instance_id)
+
+    def macro_summary(self, macro_instance_id: str) -> dict[str, Any]:
+        """The dispatch state of one macro instance, for `ecoserve admin status`."""
+        if self.padg is None:
+            return {"policy": self.scheduling.dispatch_policy}
+        return self.padg.summary(macro_instance_id)
 
     async def control(
         self, instance_id: str, command: ControlCommand, args: dict[str, Any] | None = None

@@ -20,6 +20,8 @@ Placement (the paper's Figure 7):
   macro instances that together fit N_u merge, the smaller into the larger.
 - repair, outside the signals: macro instances below N_l take spares at once (the first spares form the first
   macro instance), and one that stays below N_l merges into another where it fits.
+- by hand (operators, and instances that join while autoscaling is off): `assign` places a spare like an
+  expansion does (or into a named macro instance), `release` removes a member like a contraction does.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class Mitosis:
         config: MitosisConfig,
         macros: Mapping[str, Sequence[str]] | None = None,
         spares: Iterable[str] = (),
+        draining: Iterable[str] = (),
     ):
         self.config = config
         self._macros: dict[str, list[str]] = {m: list(members) for m, members in (macros or {}).items()}
@@ -125,6 +128,11 @@ class Mitosis:
         self._draining: dict[str, str] = {}  # instance → the macro instance it was removed from
         for instance_id in spares:
             self.add_spare(instance_id)
+        for instance_id in draining:
+            # Removed before a restart: which macro instance it left is not remembered, nor needed.
+            if self._known(instance_id):
+                raise ValueError(f"instance {instance_id!r} is already known")
+            self._draining[instance_id] = ""
         self._next_id = _next_counter(self._macros, config.macro_prefix)
         self._ttfts = SampleWindow(config.window)
         self._slack = SampleWindow(config.window)
@@ -178,6 +186,21 @@ class Mitosis:
             del self._macros[macro]
         return True
 
+    def reconfigure(self, config: MitosisConfig, now: float) -> None:
+        """Apply new bounds, SLO or signal timing. Evidence and the cool-down clock are kept, except that a
+        new TTFT SLO restarts the evidence (saved TPOT was judged against the old one). New bounds apply from
+        the next placement: a macro instance above a lowered N_u splits when it next grows."""
+        if config.macro_prefix != self.config.macro_prefix:
+            raise ValueError("the macro instance prefix cannot change")
+        if config.ttft_slo != self.config.ttft_slo:
+            self._ttfts.restart(now)
+            self._slack.restart(now)
+            self._expand.reset()
+            self._contract.reset()
+        self.config = config
+        self._ttfts.span = self._slack.span = config.window
+        self._expand.hold = self._contract.hold = config.hold
+
     def _known(self, instance_id: str) -> bool:
         return (
             instance_id in self._spares
@@ -230,23 +253,62 @@ class Mitosis:
         elif contract:
             step = self._shrink(f"median saved TPOT {signals.slack_ratio:.2f}× its bound")
         if step:
-            self._last_action = now
-            # The new configuration has to earn its own evidence.
-            self._ttfts.restart(now)
-            self._slack.restart(now)
-            self._expand.reset()
-            self._contract.reset()
+            self.settle(now)
         return actions + step
+
+    def settle(self, now: float) -> None:
+        """The configuration changed (by `tick`, or by hand): cool down, and let it earn its own evidence."""
+        self._last_action = now
+        self._ttfts.restart(now)
+        self._slack.restart(now)
+        self._expand.reset()
+        self._contract.reset()
+
+    def repair(self) -> list[Action]:
+        """Only the repairs `tick` starts with (macro instances below N_l), without the signals."""
+        return self._repair()
+
+    def assign(self, instance_id: str, macro_id: str | None, reason: str) -> list[Action]:
+        """Put a spare (or a draining instance, cancelling its removal) into `macro_id`, or where an expansion
+        would when None; like an expansion, a macro instance that then exceeds N_u splits."""
+        if macro_id is not None and macro_id not in self._macros:
+            raise ValueError(f"no macro instance {macro_id!r}")
+        if instance_id in self._spares:
+            self._spares.remove(instance_id)
+        elif self._draining.pop(instance_id, None) is None:
+            where = self.macro_of(instance_id)
+            raise ValueError(
+                f"instance {instance_id!r} is " + (f"already in {where}" if where else "not a spare")
+            )
+        return self._place(instance_id, macro_id, reason)
+
+    def release(self, instance_id: str, reason: str) -> list[Action]:
+        """Take a member out of its macro instance as a contraction would: it drains (call `drained` when it
+        holds nothing), a macro instance left empty disappears, and two that then fit N_u merge."""
+        macro = self.macro_of(instance_id)
+        if macro is None:
+            raise ValueError(f"instance {instance_id!r} is not a member of a macro instance")
+        if len(self._macros) == 1 and len(self._macros[macro]) == 1:
+            # The pool's repair would only put it (or another spare) straight back.
+            raise ValueError(f"instance {instance_id!r} is the last one serving")
+        self._macros[macro].remove(instance_id)
+        self._draining[instance_id] = macro
+        if not self._macros[macro]:
+            del self._macros[macro]
+        return [RemoveInstance(instance_id, macro, reason), *self._merge_fitting()]
 
     def _grow(self, reason: str) -> list[Action]:
         if not self._spares:
             return []
-        instance_id = self._spares.pop(0)
-        room = [m for m, members in self._macros.items() if len(members) < self.config.n_upper]
-        if not self._macros:
-            return [self._add_new(instance_id, reason)]
-        # The fullest one with room; ties go to the older (the dict keeps creation order).
-        target = max(room, key=lambda m: len(self._macros[m])) if room else next(iter(self._macros))
+        return self._place(self._spares.pop(0), None, reason)
+
+    def _place(self, instance_id: str, target: str | None, reason: str) -> list[Action]:
+        if target is None:
+            if not self._macros:
+                return [self._add_new(instance_id, reason)]
+            room = [m for m, members in self._macros.items() if len(members) < self.config.n_upper]
+            # The fullest one with room; ties go to the older (the dict keeps creation order).
+            target = max(room, key=lambda m: len(self._macros[m])) if room else next(iter(self._macros))
         self._macros[target].append(instance_id)
         actions: list[Action] = [AddInstance(instance_id, target, False, reason)]
         if len(self._macros[target]) > self.config.n_upper:

@@ -20,7 +20,8 @@ from services.coordinator.padg_views import Admitted, HeldRequest, InstanceView,
 class Verdict:
     instance_id: str
     ok: bool
-    # paper: "fits" | "ttft_budget" | "decode_slack" | "kv"
+    # paper: "fits" | "oversized" (a prompt over the budget alone, in an empty window) | "ttft_budget" |
+    # "decode_slack" | "kv"
     # authors: "slack_covers" | "next_short_of_slack" | "kv" | "ttft_budget" | "next_idle" | "next_has_slack"
     rule: str
     detail: str
@@ -40,7 +41,10 @@ def paper_check(
     in_window = window.request_ids
     carried = [h for h in held if h.first_token_time is None and h.request_id not in in_window]
     total = window.prefill_time + sum(h.prefill_time for h in carried) + r.prefill_time
-    if total > ttft_slo:
+    # A prompt whose prefill alone exceeds the budget would wait for ever (and hold up every request queued
+    # behind it): it may have a window to itself instead, missing its TTFT SLO but not starving.
+    alone = not window.admitted and not carried
+    if total > ttft_slo and not alone:
         return _no(view, "ttft_budget", f"window prefill {total:.3f}s would exceed the TTFT SLO {ttft_slo}s")
     slack = view.mean_saved_tpot(tpot_slo, now, exclude=in_window)
     if slack is not None and slack < total:
@@ -50,7 +54,8 @@ def paper_check(
     if reserved + r.kv_blocks > view.kv_blocks_free:
         return _no(view, "kv", _kv_detail(reserved + r.kv_blocks, view.kv_blocks_free))
     slack_text = "no decodes" if slack is None else f"mean saved TPOT {slack:.3f}s"
-    return Verdict(view.instance_id, True, "fits", f"window prefill {total:.3f}s, {slack_text}")
+    rule = "fits" if total <= ttft_slo else "oversized"
+    return Verdict(view.instance_id, True, rule, f"window prefill {total:.3f}s, {slack_text}")
 
 
 def authors_check(

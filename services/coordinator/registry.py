@@ -152,6 +152,16 @@ class Registry:
             del self._members[record.macro_instance_id]
         return record
 
+    def move(self, instance_id: str, macro_instance_id: str) -> InstanceRecord:
+        """Put a member at the end of another macro instance's order (mitosis moves only control)."""
+        record = self.get(instance_id)
+        if record.macro_instance_id == macro_instance_id:
+            return record
+        self.remove(instance_id)
+        record.macro_instance_id = macro_instance_id
+        self._add(record)
+        return record
+
     def set_state(self, instance_id: str, state: AdminState) -> InstanceRecord:
         record = self.get(instance_id)
         record.state = state

@@ -6,13 +6,18 @@ that accepts both and a check; a bad key or value raises ConfigError naming it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.coordinator.dispatch import POLICIES
+from services.coordinator.padg import VARIANTS
+from services.coordinator.prefill_model import RULES
+
+# least_loaded: NoDG/Sarathi balancing; padg: rolling prefill activation (services/coordinator/padg.py).
+DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "padg")
 
 
 class ConfigError(ValueError):
@@ -39,15 +44,39 @@ def _float(value: Any) -> float:
     return number
 
 
-def _policy(value: Any) -> str:
-    name = value.decode() if isinstance(value, bytes) else value
-    if not isinstance(name, str) or name not in POLICIES:
-        raise ValueError(f"expected one of {', '.join(sorted(POLICIES))}, got {value!r}")
-    return name
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        name = value.decode() if isinstance(value, bytes) else value
+        if not isinstance(name, str) or name not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return name
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    text = value.decode() if isinstance(value, bytes) else value
+    if isinstance(text, str):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _at_least(minimum: float) -> Callable[[float], str | None]:
     return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def _anything(_: Any) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -58,12 +87,33 @@ class _Key:
 
 
 _KEYS: dict[str, _Key] = {
-    "dispatch_policy": _Key(_policy, lambda _: None, "how a macro instance picks the instance for a request"),
+    "dispatch_policy": _Key(
+        _choice(DISPATCH_POLICIES),
+        _anything,
+        "how a macro instance picks the instance for a request: least_loaded (NoDG/Sarathi) or padg",
+    ),
     "max_waiting_per_instance": _Key(
         _int, _at_least(1), "queued (waiting + not yet reported) requests per instance before 429"
     ),
     "lease_seconds": _Key(_float, _at_least(0.1), "an instance silent for this long is removed"),
     "dispatch_timeout": _Key(_float, _at_least(0.05), "seconds to wait for an instance to take a request"),
+    "ttft_slo": _Key(_float, _positive, "PaDG: TTFT SLO in seconds (a prefill window's budget)"),
+    "tpot_slo": _Key(_float, _positive, "PaDG: time-per-output-token SLO in seconds (decode slack)"),
+    "padg_variant": _Key(
+        _choice(VARIANTS), _anything, "PaDG admission check: paper (Algorithm 1) or authors (official code)"
+    ),
+    "prefill_rule": _Key(
+        _choice(RULES), _anything, "PaDG prefill-time prediction from the profile: interpolate or authors"
+    ),
+    "hold_outputs": _Key(_bool, _anything, "PaDG: instances hold output tokens while their window is open"),
+    "pending_timeout": _Key(
+        _float,
+        _at_least(0.0),
+        # Below the router's 10 s submit timeout, or a late answer finds nobody waiting for it.
+        "PaDG paper variant: seconds a request may wait for a window before 429 (under the router's 10 s)",
+    ),
+    "n_lower": _Key(_int, _at_least(1), "mitosis: fewest instances per macro instance (N_l)"),
+    "n_upper": _Key(_int, _at_least(1), "mitosis: most instances per macro instance (N_u >= 2*N_l - 1)"),
 }
 
 
@@ -73,6 +123,14 @@ class SchedulingConfig:
     max_waiting_per_instance: int = 64
     lease_seconds: float = 3.0
     dispatch_timeout: float = 5.0
+    ttft_slo: float = 5.0
+    tpot_slo: float = 0.1
+    padg_variant: str = "paper"
+    prefill_rule: str = "interpolate"
+    hold_outputs: bool = False
+    pending_timeout: float = 5.0
+    n_lower: int = 3
+    n_upper: int = 6
 
     @staticmethod
     def keys() -> dict[str, str]:
@@ -94,18 +152,28 @@ class SchedulingConfig:
             if problem is not None:
                 raise ConfigError(name, problem)
             parsed[name] = value
-        return dataclasses.replace(self, **parsed)
+        config = dataclasses.replace(self, **parsed)
+        # Splitting N_u + 1 instances must leave two macro instances of at least N_l each.
+        if 2 * config.n_lower - 1 > config.n_upper:
+            key = "n_upper" if "n_upper" in parsed else "n_lower"
+            raise ConfigError(
+                key, f"need 2*n_lower - 1 <= n_upper, got n_lower={config.n_lower}, n_upper={config.n_upper}"
+            )
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_text(self) -> dict[str, str]:
         """As stored in the Redis hash (readable with redis-cli)."""
-        return {name: str(value) for name, value in self.to_dict().items()}
+        return {name: _text(value) for name, value in self.to_dict().items()}
 
     def with_stored(self, stored: Mapping[bytes, bytes]) -> tuple[SchedulingConfig, list[str]]:
         """Apply the Redis hash over these defaults; bad or unknown stored entries are skipped and
         described in the returned problems (someone edited Redis by hand, or an older version wrote it)."""
+        text = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in stored.items()}
+        with contextlib.suppress(ConfigError):
+            return self.updated(text), []  # all at once: keys checked together (n_lower, n_upper) agree
         config, problems = self, []
         for raw_key, raw_value in stored.items():
             name = raw_key.decode(errors="replace")
@@ -114,3 +182,13 @@ class SchedulingConfig:
             except ConfigError as error:
                 problems.append(str(error))
         return config, problems
+
+
+def _text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def scheduling_defaults(flags: Any) -> SchedulingConfig:
+    """The configuration the coordinator's flags give (a `CoordinatorConfig`: every attribute named like a
+    key); ConfigError names a bad one, so a wrong flag stops the coordinator at start."""
+    return SchedulingConfig().updated({name: getattr(flags, name) for name in _KEYS if hasattr(flags, name)})

@@ -3,7 +3,8 @@
 Every coordinator competes for the macro instance's lease in Redis. The holder runs a `Leader` (and the
 admin service) and renews the lease every third of its TTL; the others poll it. A holder that cannot renew
 steps down before its lease can have expired in Redis, so two coordinators never act at once. A new holder
-reloads membership, order and configuration from Redis; per-request load it relearns from status reports.
+reloads membership, order, configuration and the PaDG activation from Redis; per-request load it
+relearns from status reports.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from services.coordinator.admin import AdminService
 from services.coordinator.leader import Leader
 from services.coordinator.lease import CoordinatorLease
 from services.coordinator.registry import DEFAULT_MACRO_INSTANCE
-from services.coordinator.scheduling_config import SchedulingConfig
+from services.coordinator.scaling_ops import load_settings
+from services.coordinator.scheduling_config import scheduling_defaults
 from services.coordinator.store import Store
 from services.infra.nats_sync import synced
 from shared import keys
@@ -58,6 +60,7 @@ class CoordinatorService:
     def __init__(self, config: CoordinatorConfig, *, macro_instance_id: str = DEFAULT_MACRO_INSTANCE):
         self.config = config
         self.macro_instance_id = macro_instance_id
+        self._scheduling_defaults = scheduling_defaults(config)  # ConfigError now, not at every election
         ttl = config.coordinator_lease_seconds
         self._renew_interval = ttl / 3
         self._poll_interval = max(0.05, ttl / 4)
@@ -167,14 +170,23 @@ class CoordinatorService:
         store = Store(self._redis, self.config.prefix)
         try:
             snapshot = await store.load()
+            scaling_settings = await load_settings(self._redis, self.config.prefix)
         except (RedisError, OSError) as error:
             log.error("took the lease but could not load state: %s", error)
             await self._release()
             return False
-        defaults = SchedulingConfig(lease_seconds=self.config.lease_seconds)
-        scheduling, problems = defaults.with_stored(snapshot.config)
+        scheduling, problems = self._scheduling_defaults.with_stored(snapshot.config)
         for problem in snapshot.problems + problems:
             log.warning("ignored stored state: %s", problem)
+        flags, stored = self._scheduling_defaults.to_dict(), scheduling.to_dict()
+        for key in (k for k in flags if flags[k] != stored[k]):
+            # Operators' config-set values outlive restarts; say so, or a changed flag looks ignored.
+            log.info(
+                "%s = %r set with `ecoserve admin config` overrides the flag's %r",
+                key,
+                stored[key],
+                flags[key],
+            )
         leader = Leader(
             nc=self._nc,
             store=store,
@@ -182,8 +194,9 @@ class CoordinatorService:
             coordinator_id=self.coordinator_id,
             scheduling=scheduling,
             snapshot=snapshot,
+            scaling_settings=scaling_settings,
         )
-        admin = AdminService(self._nc, leader)
+        admin = AdminService(self._nc, leader, scaling=leader.scaling)
         try:
             await leader.start()
             await admin.start()
