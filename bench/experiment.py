@@ -183,6 +183,9 @@ def up_argv(args: argparse.Namespace, launcher: Launcher, cell: Cell, port: int,
     argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.model:
         argv += ["--model", args.model]
+    if cell.strategy == "fudg" and "--fudg-split" in launcher.flags:
+        # DistServe-style: half the instances prefill (rounded up), the rest decode; 1:1 for 2 instances.
+        argv += ["--fudg-split", f"{-(-args.instances // 2)}:{args.instances // 2}"]
     if args.pin_cores:
         argv += ["--pin-cores"]
     if {"--ttft-slo", "--tpot-slo"} <= launcher.flags:  # PaDG's admission check needs the SLOs

@@ -26,8 +26,47 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "padg": ("padg", "padg"),  # EcoServe: temporal disaggregation, rolling prefill windows
     "nodg": ("nodg", "least_loaded"),  # vLLM-style prefill first
     "sarathi": ("sarathi", "least_loaded"),  # chunked prefill, decode first
+    # DistServe: prefill-role instances hand each request's KV to decode-role instances (--fudg-split)
+    "fudg": ("nodg", "fudg"),
 }
-NOT_WIRED = {"fudg": "the fully disaggregated strategy (fudg) is not wired into `ecoserve up` yet"}
+
+
+def fudg_split(instances: int | None, split: str | None) -> tuple[int, int]:
+    """(prefill, decode) instance counts for `--strategy fudg`; ValueError says what is wrong.
+
+    Without --fudg-split: half the instances prefill, rounded up, the rest decode (1:1 for 2 instances, 2:1
+    for 3). DistServe picks the ratio per workload by simulating it; with no simulator here, the even split
+    of its small-cluster placements is the neutral choice, and prefill gets the odd instance because on a CPU
+    prefill is the compute-bound phase that sets TTFT. Decode batches many requests, so it needs fewer.
+    """
+    if split is None:
+        total = 2 if instances is None else instances
+        if total < 2:
+            raise ValueError(f"fudg needs at least 2 instances (one prefill, one decode), got {total}")
+        return -(-total // 2), total // 2
+    parts = split.split(":")
+    try:
+        prefill, decode = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--fudg-split must be P:D (e.g. 1:1), got {split!r}") from None
+    if prefill < 1 or decode < 1:
+        raise ValueError(f"--fudg-split needs at least one prefill and one decode instance, got {split!r}")
+    if instances is not None and instances != prefill + decode:
+        raise ValueError(
+            f"--fudg-split {split} is {prefill + decode} instances, but --instances is {instances}"
+        )
+    return prefill, decode
+
+
+def instance_roles(args: argparse.Namespace) -> list[str]:
+    """Each instance's --fudg-role, in start order ("none" outside fudg); ValueError for bad counts."""
+    if args.strategy != "fudg":
+        count = 1 if args.instances is None else args.instances
+        if count < 1:
+            raise ValueError(f"--instances must be at least 1, got {count}")
+        return ["none"] * count
+    prefill, decode = fudg_split(args.instances, args.fudg_split)
+    return ["prefill"] * prefill + ["decode"] * decode
 
 
 @dataclass
@@ -81,16 +120,27 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
         default=env("ECOSERVE_MODEL"),
         help="local HF model folder (default: SmolLM2-135M-Instruct, converted on first use)",
     )
-    p.add_argument("--instances", type=int, default=int(env("ECOSERVE_INSTANCES", "1")))
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=_int(env("ECOSERVE_INSTANCES")),
+        help="engine processes (default: 1; fudg: the --fudg-split total, or 2)",
+    )
     p.add_argument("--host", default=env("ECOSERVE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("ECOSERVE_PORT", "8000")))
     p.add_argument("--api-key", default=env("ECOSERVE_API_KEY"), help="require this Bearer key on /v1/*")
     p.add_argument(
         "--strategy",
         default=env("ECOSERVE_STRATEGY", "sarathi"),
-        choices=[*STRATEGIES, *NOT_WIRED],
-        help="padg (rolling prefill windows), nodg or sarathi: the instances' policy and the coordinator's "
-        "dispatch",
+        choices=list(STRATEGIES),
+        help="padg (rolling prefill windows), nodg, sarathi or fudg (prefill and decode instances): the "
+        "instances' policy and the coordinator's dispatch",
+    )
+    p.add_argument(
+        "--fudg-split",
+        default=env("ECOSERVE_FUDG_SPLIT"),
+        metavar="P:D",
+        help="fudg: P prefill-role and D decode-role instances (default: half prefill, rounded up)",
     )
     p.add_argument(
         "--ttft-slo",
@@ -150,8 +200,9 @@ def _int(value: str | None) -> int | None:
 def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model_dir: str) -> list[Child]:
     python = sys.executable
     common = ["--nats-url", nats_url, "--redis-url", redis_url, "--prefix", args.prefix]
+    roles = instance_roles(args)
     cores = os.cpu_count() or 1
-    threads = args.threads_per_instance or max(1, cores // max(1, args.instances))
+    threads = args.threads_per_instance or max(1, cores // len(roles))
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     policy, dispatch = STRATEGIES[args.strategy]
     coordinator = [
@@ -167,7 +218,7 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
         str(args.tpot_slo),
     ]
     children = [Child("coordinator", coordinator, base_env)]
-    for i in range(args.instances):
+    for i, role in enumerate(roles):
         env = {**base_env, "OMP_NUM_THREADS": str(threads)}
         argv = [
             python,
@@ -191,6 +242,8 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
             "--max-num-seqs",
             str(args.max_num_seqs),
         ]
+        if role != "none":
+            argv += ["--fudg-role", role]
         cpus = {(i * threads + k) % cores for k in range(threads)} if args.pin_cores else None
         children.append(Child(f"instance-{i}", argv, env, cpus))
     router = [
@@ -212,7 +265,8 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
     return children
 
 
-def wait_healthy(url: str, cluster: Cluster, timeout: float) -> bool:
+def wait_healthy(url: str, cluster: Cluster, timeout: float, min_ready: int = 1) -> bool:
+    """Until the router's /health counts `min_ready` ready instances (False: a child exited, or timeout)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in cluster.children:
@@ -221,7 +275,7 @@ def wait_healthy(url: str, cluster: Cluster, timeout: float) -> bool:
                 return False
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and json.load(response)["ready_instances"] >= min_ready:
                     return True
         except (urllib.error.URLError, OSError):
             pass
@@ -232,11 +286,10 @@ def wait_healthy(url: str, cluster: Cluster, timeout: float) -> bool:
 
 def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.instances < 1:
-        print("ecoserve up: --instances must be at least 1", file=sys.stderr)
-        return 2
-    if args.strategy in NOT_WIRED:
-        print(f"ecoserve up: {NOT_WIRED[args.strategy]}; use padg, nodg or sarathi", file=sys.stderr)
+    try:
+        roles = instance_roles(args)
+    except ValueError as exc:
+        print(f"ecoserve up: {exc}", file=sys.stderr)
         return 2
     if not (args.ttft_slo > 0 and args.tpot_slo > 0):
         print("ecoserve up: --ttft-slo and --tpot-slo must be positive", file=sys.stderr)
@@ -274,10 +327,17 @@ def run_up(args: argparse.Namespace) -> int:
         for child in cluster.children:
             child.start()
         url = f"http://{args.host}:{args.port}"
-        if not wait_healthy(url, cluster, args.ready_timeout):
+        # FuDG serves nothing until both roles are up: wait for every instance.
+        min_ready = len(roles) if args.strategy == "fudg" else 1
+        if not wait_healthy(url, cluster, args.ready_timeout, min_ready):
             return 1
+        shape = (
+            ""
+            if args.strategy != "fudg"
+            else f": {roles.count('prefill')} prefill, {roles.count('decode')} decode"
+        )
         print(
-            f"ecoserve is up: {url}/v1  (model {model_dir.name}, {args.instances} instance(s), "
+            f"ecoserve is up: {url}/v1  (model {model_dir.name}, {len(roles)} instance(s){shape}, "
             f"strategy {args.strategy}); Ctrl-C to stop",
             flush=True,
         )

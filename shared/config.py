@@ -18,6 +18,7 @@ from typing import Any, Self
 from shared.subjects import DEFAULT_PREFIX, check_id, check_prefix
 
 ENV_PREFIX = "ECOSERVE_"
+FUDG_ROLES = ("none", "prefill", "decode")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -146,7 +147,9 @@ class CoordinatorConfig(CommonConfig):
     coordinator_lease_seconds: float = setting(5.0, "a standby coordinator takes over after this long")
     # Scheduling defaults; values set with `ecoserve admin config-set` (kept in Redis) override them. The
     # coordinator checks them all together at start (services/coordinator/scheduling_config.py).
-    dispatch_policy: str = setting("least_loaded", "least_loaded (NoDG/Sarathi) or padg (rolling activation)")
+    dispatch_policy: str = setting(
+        "least_loaded", "least_loaded (NoDG/Sarathi), padg (rolling activation) or fudg (disaggregated)"
+    )
     ttft_slo: float = setting(5.0, "PaDG: TTFT SLO in seconds")
     tpot_slo: float = setting(0.1, "PaDG: TPOT SLO in seconds")
     padg_variant: str = setting("paper", "PaDG admission check: paper or authors")
@@ -173,6 +176,10 @@ class InstanceConfig(CommonConfig):
     profile_prefill: str = setting(
         "auto", "measure prefill times at start-up for the coordinator: auto (padg policy only), on, off"
     )
+    fudg_role: str = setting(
+        "none",
+        "FuDG role: none, prefill (hand every request to a decode instance after its first token) or decode",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,3 +188,5 @@ class InstanceConfig(CommonConfig):
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
         if self.profile_prefill not in ("auto", "on", "off"):
             raise ValueError(f"profile_prefill must be auto, on or off, got {self.profile_prefill!r}")
+        if self.fudg_role not in FUDG_ROLES:
+            raise ValueError(f"fudg_role must be one of {', '.join(FUDG_ROLES)}, got {self.fudg_role!r}")

@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 from shared.wire import Message, WireError, decode
 
 InstanceState = Literal["starting", "ready", "draining", "stopping"]
+FudgRole = Literal["mixed", "prefill", "decode"]  # FuDG: "mixed" serves whole requests (every other strategy)
 ErrorCode = Literal["bad_request", "not_found", "overloaded", "unavailable", "internal", "bad_message"]
 
 R = TypeVar("R", bound=Message)
@@ -52,10 +53,25 @@ class DispatchRequest(_RequestFields, Message):
 
     instance_id: str
     dispatch_time: float  # unix seconds at the coordinator
+    # FuDG: the decode instance the prefill instance `instance_id` hands the request to after its first token
+    # (None: decode where it is prefilled).
+    decode_instance_id: str | None = None
 
     @classmethod
-    def from_submit(cls, submit: SubmitRequest, *, instance_id: str, dispatch_time: float) -> DispatchRequest:
-        return cls(**submit.__dict__, instance_id=instance_id, dispatch_time=dispatch_time)
+    def from_submit(
+        cls,
+        submit: SubmitRequest,
+        *,
+        instance_id: str,
+        dispatch_time: float,
+        decode_instance_id: str | None = None,
+    ) -> DispatchRequest:
+        return cls(
+            **submit.__dict__,
+            instance_id=instance_id,
+            dispatch_time=dispatch_time,
+            decode_instance_id=decode_instance_id,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +150,8 @@ class InstanceInfo(Message):
     # shared.prefill_profile.PrefillProfile.to_dict(): measured prefill seconds by prompt length, for the
     # PaDG admission check. None when the instance did not profile (NoDG/Sarathi clusters need none).
     prefill_profile: dict[str, Any] | None = None
+    # FuDG: "prefill" instances hand every request to a "decode" instance after its first token.
+    role: FudgRole = "mixed"
 
 
 @dataclass(frozen=True, kw_only=True)

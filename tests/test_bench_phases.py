@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from services.bench.phases import PhaseBook, PhaseRecorder
 from services.bench.plots import PHASE_COLORS, WINDOW_COLOR, plot_phases
 from shared import subjects
+from shared.kv_messages import KvTransferReport
 from shared.messages import InstanceStatus
 from shared.wire import encode
 
@@ -112,3 +114,47 @@ def test_bench_fails_fast_when_nats_is_unreachable(capsys):
     argv = ["--url", "http://127.0.0.1:9", "--nats", "nats://127.0.0.1:9", "--rate", "1", "--no-progress"]
     assert main(argv) == 1
     assert "cannot subscribe to status reports at nats://127.0.0.1:9" in capsys.readouterr().err
+
+
+def transfer(request_id: str, at: float, seconds: float, accepted: bool = True) -> KvTransferReport:
+    return KvTransferReport(
+        request_id=request_id,
+        prefill_instance_id="p0",
+        decode_instance_id="d0",
+        accepted=accepted,
+        num_tokens=10,
+        kv_bytes=1000,
+        wire_bytes=1100,
+        num_chunks=1,
+        export_seconds=0.001,
+        transfer_seconds=seconds,
+        import_seconds=0.002,
+        time=at,
+    )
+
+
+def test_book_sums_the_kv_transfers_of_a_run():
+    book = PhaseBook()
+    assert book.transfers_between(0.0, 100.0) is None  # no FuDG: nothing to report
+    for i, (at, seconds) in enumerate([(9.0, 9.0), (10.0, 0.01), (11.0, 0.03), (12.0, 0.02), (13.0, 0.05)]):
+        book.add_transfer(transfer(f"r{i}", at, seconds, accepted=i != 2))
+    summary = book.transfers_between(10.0, 12.5)  # r0 (before) and r4 (after) are other runs'
+    assert summary is not None
+    assert (summary["count"], summary["refused"], summary["tokens"]) == (3, 1, 30)
+    assert (summary["kv_bytes"], summary["wire_bytes"]) == (3000, 3300)
+    assert summary["seconds_mean"] == pytest.approx(0.02)
+    assert summary["seconds_p50"] == pytest.approx(0.02)
+    assert summary["seconds_p90"] == pytest.approx(0.028)  # between 0.02 and 0.03, 80% of the way
+
+
+async def test_recorder_records_kv_transfer_reports(nats_server, nats_client, ecoserve_prefix):
+    recorder = PhaseRecorder(nats_server.url, ecoserve_prefix)
+    async with recorder:
+        await nats_client.publish(subjects.kv_transfers(ecoserve_prefix), encode(transfer("r", 5.0, 0.1)))
+        await nats_client.publish(subjects.kv_transfers(ecoserve_prefix), b"garbage")
+        await nats_client.flush()
+        for _ in range(100):
+            if recorder.book.transfers and recorder.book.dropped:
+                break
+            await asyncio.sleep(0.02)
+    assert [t.request_id for t in recorder.book.transfers] == ["r"] and recorder.book.dropped == 1

@@ -188,12 +188,12 @@ def test_inflight_forgets_requests_that_finished() -> None:
     tracker.add(entry("listed"))
     tracker.add(entry("quick"))
     tracker.add(entry("other", instance_id="b"))
-    tracker.observe(make_status("a", request_ids=("listed",)))
+    tracker.observe(make_status("a", request_ids=("listed",)), 0.0)
     assert {e.request_id for e in tracker.of("a")} == {"listed", "quick"}
-    tracker.observe(make_status("a"))  # "listed" disappeared after being listed: finished
+    tracker.observe(make_status("a"), 0.0)  # "listed" disappeared after being listed: finished
     assert {e.request_id for e in tracker.of("a")} == {"quick"}
     for _ in range(PENDING_REPORTS - 1):
-        tracker.observe(make_status("a"))
+        tracker.observe(make_status("a"), 0.0)
     assert tracker.of("a") == []  # never listed in PENDING_REPORTS reports: finished between reports
     assert [e.request_id for e in tracker.take_instance("b")] == ["other"]
     assert len(tracker) == 0
@@ -203,7 +203,7 @@ def test_inflight_keeps_progress_and_prunes_by_age() -> None:
     tracker = InflightTracker(max_age=10.0)
     tracker.add(entry("old", at=0.0))
     tracker.add(entry("new", at=8.0))
-    tracker.observe(make_status("a", request_ids=("old", "new")))
+    tracker.observe(make_status("a", request_ids=("old", "new")), 0.0)
     assert {e.output_tokens for e in tracker.of("a")} == {1}
     assert tracker.prune(now=10.5) == 1
     assert [e.request_id for e in tracker.of("a")] == ["new"]

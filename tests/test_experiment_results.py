@@ -214,3 +214,23 @@ def test_rerender_rewrites_the_outputs_with_a_discussion(tmp_path):
     assert "PaDG and NoDG tie here because …" in text
     assert "![attainment vs rate, sharegpt](results/attainment-sharegpt.png)" in text
     assert json.loads((out / "results.json").read_text())["discussion"].startswith("PaDG and NoDG tie")
+
+
+def test_fudg_runs_get_a_kv_transfer_table_and_a_split():
+    fudg = cell("fudg", "sharegpt", {1.0: 1.0, 2.0: 0.5})
+    assert results.transfers_table([fudg]) is None  # no run recorded transfers
+    moved = {"count": 12, "refused": 1, "kv_bytes": 3 * 2**20, "wire_bytes": 4 * 2**20, "tokens": 400}
+    moved |= {"seconds_mean": 0.0042, "seconds_p50": 0.004, "seconds_p90": 0.0075}
+    runs = [bench_run(1.0, [0.1] * 10, [0.01] * 10) | {"kv_transfers": moved}]
+    fudg = results.cell_from_report("fudg", "sharegpt", report(*runs))
+    text = results.render_markdown(document([fudg]))
+    assert "## FuDG KV transfers" in text
+    assert "| fudg | sharegpt | 1.00 | 12 (1) | 3.0 / 4.0 | 4.2 / 4.0 / 7.5 |" in text
+
+    experiment = experiment_module()
+    args = experiment.build_parser().parse_args(["--model", "/m"])
+    launcher = experiment.Launcher(["fudg"], {"--fudg-split"})
+    argv = experiment.up_argv(args, launcher, experiment.Cell("fudg", "sharegpt", Path(".")), 8000, "p")
+    total = int(argv[argv.index("--instances") + 1])
+    prefill, decode = map(int, argv[argv.index("--fudg-split") + 1].split(":"))
+    assert prefill + decode == total and prefill >= decode >= 1

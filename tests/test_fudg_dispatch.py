@@ -134,6 +134,6 @@ def test_choose_for_records_counts_unlisted_dispatches():
     done = dataclasses.replace(
         listed, requests=[dataclasses.replace(listed.requests[0], first_token_time=1.0)]
     )
-    inflight.observe(done)
+    inflight.observe(done, 0.2)
     registry.heartbeat(done, now=0.2)
     assert choose() == FudgDispatch("p0", "d1")

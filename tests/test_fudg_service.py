@@ -78,6 +78,8 @@ async def test_two_services_serve_a_request_together(model, nats_server, nats_cl
     reports = await peer.subscribe(subjects.kv_transfers(ecoserve_prefix))
     decode_status = await peer.subscribe(subjects.status(ecoserve_prefix, "decode-0"))
     async with fudg_pair(model, nats_server, ecoserve_prefix) as (prefill, decode):
+        roles = {r.info.instance_id: r.info.role for r in peer.registrations}
+        assert roles == {"prefill-0": "prefill", "decode-0": "decode"}  # announced to the coordinator
         tokens = await peer.tokens()
         started = time.time()
         for rid, prompt in prompts.items():

@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import psutil
+import pytest
 from cluster_support import free_port
 
 
@@ -99,10 +100,50 @@ def test_strategies_set_the_instance_policy_and_the_coordinator_dispatch():
         assert router.name == "router"
 
 
-def test_unwired_strategy_and_bad_slos_are_refused_before_starting_anything(capsys):
+def test_bad_instance_counts_and_slos_are_refused_before_starting_anything(capsys):
     from services.launcher import main
 
-    assert main(["--strategy", "fudg"]) == 2
-    assert "fudg" in capsys.readouterr().err
+    assert main(["--strategy", "fudg", "--instances", "1"]) == 2
+    assert "at least 2 instances" in capsys.readouterr().err
+    assert main(["--strategy", "fudg", "--fudg-split", "1:2", "--instances", "2"]) == 2
+    assert "--instances is 2" in capsys.readouterr().err
     assert main(["--strategy", "padg", "--ttft-slo", "0"]) == 2
     assert "--ttft-slo" in capsys.readouterr().err
+    assert main(["--instances", "0"]) == 2
+    assert "--instances" in capsys.readouterr().err
+
+
+def test_fudg_split_defaults_to_half_prefill_rounded_up():
+    from services.launcher import fudg_split
+
+    assert fudg_split(None, None) == (1, 1)
+    assert [fudg_split(n, None) for n in (2, 3, 4, 5)] == [(1, 1), (2, 1), (2, 2), (3, 2)]
+    assert fudg_split(None, "1:3") == (1, 3) and fudg_split(4, "3:1") == (3, 1)
+    for instances, split, message in (
+        (1, None, "at least 2 instances"),
+        (None, "2", "P:D"),
+        (None, "a:b", "P:D"),
+        (None, "0:2", "at least one prefill"),
+        (None, "1:0", "at least one prefill"),
+        (3, "1:1", "--instances is 3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fudg_split(instances, split)
+
+
+def test_fudg_plan_gives_instances_their_roles():
+    import argparse
+
+    from services.launcher import add_up_args, plan_children
+
+    parser = argparse.ArgumentParser()
+    add_up_args(parser)
+    args = parser.parse_args(["--strategy", "fudg", "--fudg-split", "2:1"])
+    coordinator, *instances, router = plan_children(args, "nats://n", "redis://r", "/models/m")
+    assert _flag(coordinator.argv, "--dispatch-policy") == "fudg"
+    assert [_flag(i.argv, "--fudg-role") for i in instances] == ["prefill", "prefill", "decode"]
+    assert {_flag(i.argv, "--policy") for i in instances} == {"nodg"}
+    assert router.name == "router"
+    # Other strategies start role-less instances (one by default).
+    _, children = _plan("--strategy", "nodg")
+    assert not any("--fudg-role" in c.argv for c in children)

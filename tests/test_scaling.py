@@ -416,3 +416,15 @@ async def test_admissions_are_logged_in_order_before_a_later_change() -> None:
     ]
     assert ops.operations() == [("drain", "b")]
     assert_in_step(ops, controller)
+
+
+async def test_paused_for_fudg_new_instances_serve_at_once_and_signals_wait():
+    # With autoscaling on, a new instance would wait in the pool for a signal FuDG never produces.
+    ops = RecordingOps()
+    controller, _ = controller_for(ops, ON, n_lower=1, n_upper=4)
+    controller.paused = True
+    assert ops.register(controller, "a") != SPARE_POOL
+    assert ops.register(controller, "b") != SPARE_POOL
+    assert not ops.pool and sorted(i for ms in ops.macros.values() for i in ms) == ["a", "b"]
+    controller.paused = False
+    assert ops.register(controller, "c") == SPARE_POOL  # autoscaling again once FuDG is off

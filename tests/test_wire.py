@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,8 @@ SAMPLES: list[Message] = [
     subjects.instance_subjects("ecoserve", "i0"),
     INFO,
     RegisterInstance(info=INFO),
+    dataclasses.replace(INFO, role="prefill"),
+    DispatchRequest.from_submit(SUBMIT, instance_id="p0", dispatch_time=2.0, decode_instance_id="d0"),
     RegisterAck(accepted=True, macro_instance_id="m0", lease_seconds=3.0, message="welcome"),
     PROGRESS,
     STATUS,

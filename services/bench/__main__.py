@@ -9,7 +9,8 @@ Requests stream from /v1/completions (token-id prompts of exact length; `--api c
 Poisson or Gamma arrival schedule. One run at `--rate`, or with `--search` the goodput: the highest rate at
 which `--attainment` of the requests meet both SLOs (search.py). Prints a table per run, writes the JSON of
 report.py and, with --plot-dir, PNGs. Against ecoserve, `--nats URL` also records every instance's phase and
-prefill window over each run (phases.py) into the JSON and `phases.png`. Workloads and their scaling:
+prefill window over each run (phases.py) into the JSON and `phases.png`, and FuDG's KV transfers (count,
+bytes, transfer seconds) as each run's `kv_transfers`. Workloads and their scaling:
 workloads.py; metrics: metrics.py.
 """
 
@@ -279,6 +280,10 @@ async def _bench(
             document = run_document(run, slo)
             if phases is not None:
                 document["phases"] = phases.between(run.started_at, run.started_at + run.duration)
+                # FuDG: the run's KV hand-offs (a report is stamped when the ack arrived; allow a late one).
+                transfers = phases.transfers_between(run.started_at, run.started_at + run.duration + 0.5)
+                if transfers is not None:
+                    document["kv_transfers"] = transfers
             runs.append(document)
             if search is None:
                 print(format_run(document, slo, args.attainment))

@@ -11,6 +11,10 @@ then a few transitions per second instead of a hundred reports. A record holds
     prefill_window  PaDG: whether the coordinator has this instance's prefill window open; None otherwise
     epoch           the window epoch the instance last applied (0 before any)
 
+FuDG prefill instances also publish a `KvTransferReport` per request they hand to a decode instance
+(`{prefix}.fudg.transfers`); the book keeps those too, and `transfers_between` sums a run's (count, bytes,
+transfer seconds).
+
 Only used when asked for, so the benchmark still runs against any OpenAI server without NATS.
 """
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import subjects
+from shared.kv_messages import KvTransferReport
 from shared.messages import InstanceStatus
 from shared.wire import WireError, decode
 
@@ -57,6 +62,7 @@ class PhaseBook:
         self.latest: dict[str, InstanceStatus] = {}  # every instance's newest report (readiness checks)
         self.reports = 0
         self.dropped = 0  # undecodable payloads
+        self.transfers: list[KvTransferReport] = []
 
     def add(self, status: InstanceStatus) -> None:
         self.reports += 1
@@ -80,8 +86,36 @@ class PhaseBook:
             out.extend(r.relative(start) for r in ([before[-1]] if before else []) + inside)
         return sorted(out, key=lambda r: (r["t"], r["instance"]))
 
+    def add_transfer(self, report: KvTransferReport) -> None:
+        self.transfers.append(report)
+
+    def transfers_between(self, start: float, end: float) -> dict[str, Any] | None:
+        """What the KV transfers that ended in [start, end] cost (None: there were none, not FuDG)."""
+        inside = [r for r in self.transfers if start <= r.time <= end]
+        if not inside:
+            return None
+        seconds = sorted(r.transfer_seconds for r in inside)
+        return {
+            "count": len(inside),
+            "refused": sum(not r.accepted for r in inside),
+            "kv_bytes": sum(r.kv_bytes for r in inside),
+            "wire_bytes": sum(r.wire_bytes for r in inside),
+            "tokens": sum(r.num_tokens for r in inside),
+            "seconds_mean": sum(seconds) / len(seconds),
+            "seconds_p50": _quantile(seconds, 0.5),
+            "seconds_p90": _quantile(seconds, 0.9),
+        }
+
     def ready(self) -> set[str]:
         return {i for i, s in self.latest.items() if s.state == "ready"}
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default) of a sorted, non-empty list."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 class PhaseRecorder:
@@ -114,6 +148,7 @@ class PhaseRecorder:
             timeout,
         )
         await self._nc.subscribe(subjects.status_all(self.prefix), cb=self._on_message)
+        await self._nc.subscribe(subjects.kv_transfers(self.prefix), cb=self._on_transfer)
         await synced(self._nc)  # the subscription is live before the first request goes out
 
     async def _on_message(self, msg: Any) -> None:
@@ -122,6 +157,13 @@ class PhaseRecorder:
         except WireError as exc:
             self.book.dropped += 1
             log.debug("dropped a status report on %s: %s", msg.subject, exc)
+
+    async def _on_transfer(self, msg: Any) -> None:
+        try:
+            self.book.add_transfer(decode(msg.data, KvTransferReport))
+        except WireError as exc:
+            self.book.dropped += 1
+            log.debug("dropped a KV transfer report: %s", exc)
 
     async def stop(self) -> None:
         if self._nc is not None:

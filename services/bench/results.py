@@ -69,6 +69,7 @@ def run_summary(run: dict[str, Any], slo: dict[str, float]) -> dict[str, Any]:
         "tpot_p90_s": run["tpot"]["p90"],
         "output_throughput": run["output_throughput"],
         "duration_s": run["duration_s"],
+        "kv_transfers": run.get("kv_transfers"),  # FuDG only (ecoserve bench --nats)
     }
 
 
@@ -214,6 +215,26 @@ def runs_table(cells: Sequence[dict[str, Any]]) -> str:
                 f"| {'–' if bg is None else f'{bg:.2f}'} |"
             )
     return "\n".join(rows)
+
+
+def transfers_table(cells: Sequence[dict[str, Any]]) -> str | None:
+    """FuDG's KV hand-offs per run (None when no run recorded any)."""
+    rows = [
+        "| strategy | workload | rate | transfers (refused) | KV / wire MiB | transfer mean / p50 / p90 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for run in sorted(cell.get("runs") or [], key=lambda r: r["rate"]):
+            t = run.get("kv_transfers")
+            if not t:
+                continue
+            ms = " / ".join(f"{t[k] * 1000:.1f}" for k in ("seconds_mean", "seconds_p50", "seconds_p90"))
+            rows.append(
+                f"| {cell['strategy']} | {cell['workload']} | {run['rate']:.2f} "
+                f"| {t['count']} ({t['refused']}) "
+                f"| {t['kv_bytes'] / 2**20:.1f} / {t['wire_bytes'] / 2**20:.1f} | {ms} |"
+            )
+    return "\n".join(rows) if len(rows) > 2 else None
 
 
 def not_run(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -369,4 +390,15 @@ def render_markdown(document: dict[str, Any]) -> str:
     if skipped:
         out += ["## Not run", "", *skipped, ""]
     out += ["## Every run", "", runs_table(cells), ""]
+    transfers = transfers_table(cells)
+    if transfers:
+        out += [
+            "## FuDG KV transfers",
+            "",
+            "Measured by the prefill instances (first chunk sent → the "
+            "decode instance's ack, which includes its import), per run.",
+            "",
+            transfers,
+            "",
+        ]
     return "\n".join(out)

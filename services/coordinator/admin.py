@@ -54,6 +54,7 @@ def instance_summary(record: InstanceRecord, position: int, now: float, inflight
         "last_heartbeat_age": round(now - record.last_heartbeat, 3),
         "model": record.info.model,
         "policy": record.info.policy,
+        "role": record.info.role,  # FuDG: prefill / decode; "mixed" otherwise
         "prefill_window": status.prefill_window if status else None,  # padg policy: window open?
         "window_epoch": status.window_epoch if status else None,
         "host": record.info.host,

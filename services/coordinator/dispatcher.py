@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 
 from services.coordinator.dispatch import POLICIES, Dispatch, DispatchPolicy, Overloaded, make_policy
 from services.coordinator.inflight import Inflight, InflightTracker
-from services.coordinator.instance_link import ask
+from services.coordinator.instance_link import Answer, ask
 from services.coordinator.registry import Registry
 from services.coordinator.scheduling_config import SchedulingConfig
 from shared.messages import DispatchAck, DispatchRequest, ErrorReply, SubmitAck, SubmitRequest
@@ -80,22 +80,29 @@ class Dispatcher:
             )
             return SubmitAck(request_id=submit.request_id, instance_id=instance_id)
         self.registry.cancel_dispatch(instance_id, submit.request_id)
-        if isinstance(reply, ErrorReply):
-            if reply.code not in _TRY_ANOTHER:
-                return reply
-            problem = f"instance {instance_id}: {reply.code}: {reply.message}"
-        elif isinstance(reply, DispatchAck):
-            problem = f"instance {instance_id} refused: {reply.reason or 'no reason given'}"
-        elif isinstance(reply, str):
-            problem = f"instance {instance_id}: {reply}"
-        else:
-            problem = f"instance {instance_id} answered a {type(reply).__name__}"
-        log.info("request %s not dispatched: %s", submit.request_id, problem)
-        return problem
+        return refusal(submit.request_id, instance_id, reply)
+
+
+def refusal(request_id: str, instance_id: str, reply: Answer | str) -> ErrorReply | str:
+    """An instance did not take a request: the ErrorReply for the router when it is the request's fault,
+    else (a str) why this instance did not, so another may be tried."""
+    if isinstance(reply, ErrorReply):
+        if reply.code not in _TRY_ANOTHER:
+            return reply
+        problem = f"instance {instance_id}: {reply.code}: {reply.message}"
+    elif isinstance(reply, DispatchAck):
+        problem = f"instance {instance_id} refused: {reply.reason or 'no reason given'}"
+    elif isinstance(reply, str):
+        problem = f"instance {instance_id}: {reply}"
+    else:
+        problem = f"instance {instance_id} answered a {type(reply).__name__}"
+    log.info("request %s not dispatched: %s", request_id, problem)
+    return problem
 
 
 def _balancing_policy(scheduling: SchedulingConfig) -> DispatchPolicy:
-    """The policy by name; `padg` is not one of these (its dispatch lives in padg_dispatcher.py), so it
-    gets least-loaded here, which is what requests are balanced by right after switching away from it."""
+    """The policy by name; `padg` and `fudg` are not among these (their dispatch lives in padg_dispatcher.py
+    and fudg_dispatcher.py), so they get least-loaded here, which is what requests are balanced by right
+    after switching away from them."""
     name = scheduling.dispatch_policy
     return make_policy(name if name in POLICIES else "least_loaded")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from services.coordinator.dispatch import Overloaded, Unavailable
 from services.coordinator.inflight import InflightTracker
 from services.coordinator.registry import InstanceRecord
-from shared.messages import InstanceInfo, InstanceStatus
+from shared.messages import FudgRole, InstanceInfo, InstanceStatus
 
-Role = Literal["mixed", "prefill", "decode"]
+Role = FudgRole
 
 
 @dataclass(frozen=True, slots=True)

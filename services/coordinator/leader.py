@@ -1,6 +1,7 @@
 """What the coordinator holding the macro instance's lease does: the instance registry (register,
 heartbeats, deregister, lease expiry), taking submits (handed to the PaDG dispatch while `dispatch_policy` is
-`padg`, to the least-loaded Dispatcher otherwise), and the state changes admin commands ask for.
+`padg`, to the FuDG pair dispatch under `fudg`, to the least-loaded Dispatcher otherwise), and the state
+changes admin commands ask for.
 
 A `Leader` lives exactly as long as the lease is held: `start` subscribes, `stop` unsubscribes, and the
 in-memory state dies with it (the next holder reloads Redis). NATS callbacks of one subscription run one
@@ -23,6 +24,7 @@ from nats.errors import Error as NatsError
 from redis.exceptions import RedisError
 
 from services.coordinator.dispatcher import Dispatcher
+from services.coordinator.fudg_dispatcher import dispatch_fudg
 from services.coordinator.inflight import InflightTracker
 from services.coordinator.instance_link import ask
 from services.coordinator.padg_dispatcher import PadgDispatch, PadgHooks, Rerouted
@@ -33,7 +35,9 @@ from services.coordinator.scheduling_config import SchedulingConfig
 from services.coordinator.store import Snapshot, Store, StoredWindow
 from services.infra.nats_sync import synced
 from shared import subjects
+from shared.kv_messages import KvTransferReport
 from shared.messages import (
+    AbortRequest,
     AdminReply,
     ClusterChanged,
     ControlCommand,
@@ -100,6 +104,7 @@ class Leader:
             self.padg = self._new_padg(scheduling, snapshot.windows)
         # Mitosis scaling: membership from the registry just restored; it listens to self.hooks.
         self.scaling = build_scaling(self, scaling_settings or ScalingSettings())
+        self.scaling.paused = scheduling.dispatch_policy == "fudg"
         self._scaler: asyncio.Task[None] | None = None
 
     @property
@@ -127,6 +132,7 @@ class Leader:
             (subjects.register(self.prefix), queue, self._on_register),
             (subjects.deregister(self.prefix), queue, self._on_deregister),
             (subjects.status_all(self.prefix), "", self._on_status),
+            (subjects.kv_transfers(self.prefix), "", self._on_transfer),  # FuDG in-flight bookkeeping
         ]
         for subject, group, callback in handlers:
             self._subscriptions.append(await self.nc.subscribe(subject, queue=group, cb=callback))
@@ -188,6 +194,8 @@ class Leader:
                 return await padg.dispatch(submit, macro_instance_id)
             except Rerouted:
                 pass  # the policy changed while the request waited for a window
+        if self.scheduling.dispatch_policy == "fudg":
+            return await dispatch_fudg(self.dispatcher, submit)  # pairs across macro instances
         return await self.dispatcher.dispatch(submit, macro_instance_id)
 
     # ---- registration and heartbeats ----
@@ -252,7 +260,7 @@ class Leader:
         if record is None:
             await self._unknown_reporter(status.instance_id, now)
             return
-        self.inflight.observe(status)
+        self.inflight.observe(status, now)
         if self.padg is not None:
             try:
                 self.padg.observe(status, record)
@@ -264,6 +272,14 @@ class Leader:
             await self._touch_lease(record)
         except RedisError as error:
             log.warning("could not refresh the lease key of %s: %s", status.instance_id, error)
+
+    async def _on_transfer(self, msg: Msg) -> None:
+        try:
+            report = decode(msg.data, KvTransferReport)
+        except WireError as error:
+            log.warning("dropped a KV transfer report: %s", error)
+            return
+        self.inflight.transfer_done(report.request_id, report.decode_instance_id, report.accepted)
 
     def _open_stray_window(self, record: InstanceRecord, status: InstanceStatus, now: float) -> None:
         """Outside PaDG nobody rolls windows, so a padg-policy instance with its window closed would hold its
@@ -363,8 +379,12 @@ class Leader:
                 log.exception("mitosis scaling tick failed")
 
     async def _fail_requests(self, instance_id: str, error: str) -> None:
-        """End the streams of the instance's unfinished requests with a terminal error chunk."""
+        """End the streams of the instance's unfinished requests with a terminal error chunk; a FuDG request's
+        other instance is told to abort it (its KV would otherwise be decoded for nobody)."""
         for entry in self.inflight.take_instance(instance_id):
+            if entry.partner is not None and entry.partner in self.registry:
+                abort = AbortRequest(request_ids=[entry.request_id], reason=error)
+                await self.nc.publish(self.registry.get(entry.partner).info.subjects.abort, encode(abort))
             chunk = TokenChunk(
                 request_id=entry.request_id,
                 seq=LOST_CHUNK_SEQ,
@@ -415,6 +435,7 @@ class Leader:
         before = self.scheduling.dispatch_policy
         self.dispatcher.configure(config)
         self.registry.lease_seconds = config.lease_seconds
+        self.scaling.paused = config.dispatch_policy == "fudg"
         if windows is not None:
             self.padg = self._new_padg(config, windows)
             log.info("dispatch policy %s -> padg", before)

@@ -98,6 +98,8 @@ def padg_config(scheduling: SchedulingConfig) -> PadgConfig:
 
 def prefill_model(record: InstanceRecord, rule: str) -> PrefillModel:
     """The instance's prefill-time model; ProfileError says why there is none."""
+    if record.info.role != "mixed":  # it hands requests on (or takes them over): PaDG must leave it alone
+        raise ProfileError(f"instance {record.instance_id} has the FuDG {record.info.role} role")
     raw = record.info.prefill_profile
     if raw is None:
         raise ProfileError(

@@ -133,6 +133,9 @@ class ScalingController:
         # Planned by admissions, outside the lock: carried out (and logged, in order) by whichever change
         # runs next; the event is made at admission, so its time is when it happened.
         self._queued: list[Step] = []
+        # FuDG (the leader sets it): its pairing spans the cluster and its instances feed no PaDG signals, so
+        # the autoscaler stands aside: new instances serve at once, signals are not acted on.
+        self.paused = False
         self._restore(config)
 
     def _restore(self, config: MitosisConfig) -> None:
@@ -171,7 +174,7 @@ class ScalingController:
         if known is not None:
             return known
         self._mitosis.add_spare(instance_id)
-        if self.settings.enabled:
+        if self._autoscaling:
             return SPARE_POOL
         add, *rest = self._mitosis.assign(instance_id, None, "registered")
         assert isinstance(add, AddInstance)
@@ -214,11 +217,15 @@ class ScalingController:
             done = await self._run_queued()
             done += await self._finish_drains(signals)
             steps = self._steps("repair", self._mitosis.repair(), signals)
-            if self.settings.enabled:
+            if self._autoscaling:
                 step = self._mitosis.tick(now)
                 cause = "expand" if any(isinstance(action, AddInstance) for action in step) else "contract"
                 steps += self._steps(cause, step, signals)
             return done + await self._run(steps)
+
+    @property
+    def _autoscaling(self) -> bool:
+        return self.settings.enabled and not self.paused
 
     # ---- the overall scheduler ----
 

@@ -16,8 +16,9 @@ from typing import Any
 from services.coordinator.padg import VARIANTS
 from services.coordinator.prefill_model import RULES
 
-# least_loaded: NoDG/Sarathi balancing; padg: rolling prefill activation (services/coordinator/padg.py).
-DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "padg")
+# least_loaded: NoDG/Sarathi balancing; padg: rolling prefill activation (services/coordinator/padg.py);
+# fudg: a prefill-role and a decode-role instance per request (services/coordinator/fudg_dispatch.py).
+DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "padg", "fudg")
 
 
 class ConfigError(ValueError):
@@ -90,7 +91,8 @@ _KEYS: dict[str, _Key] = {
     "dispatch_policy": _Key(
         _choice(DISPATCH_POLICIES),
         _anything,
-        "how a macro instance picks the instance for a request: least_loaded (NoDG/Sarathi) or padg",
+        "how a macro instance picks the instance for a request: least_loaded (NoDG/Sarathi), padg, or fudg "
+        "(a prefill and a decode instance, by their --fudg-role)",
     ),
     "max_waiting_per_instance": _Key(
         _int, _at_least(1), "queued (waiting + not yet reported) requests per instance before 429"

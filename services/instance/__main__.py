@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         config = InstanceConfig.from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if config.fudg_role != "none" and args.policy == "padg":
+        # PaDG's prefill windows and FuDG's roles are two answers to the same interference: not both.
+        parser.error(f"--fudg-role {config.fudg_role} needs --policy nodg or sarathi, not padg")
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be non-negative, got {args.drain_timeout}")
     level = logging.getLevelName(config.log_level.upper())
@@ -110,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    engine_config = engine_config_from_args(args)
+    if config.fudg_role == "prefill":  # every request leaves after its first token, with its KV
+        engine_config = dataclasses.replace(engine_config, kv_export=True)
     try:
         engine = LLMEngine.from_pretrained(
-            args.model, dtype=args.dtype, device=args.device, config=engine_config_from_args(args)
+            args.model, dtype=args.dtype, device=args.device, config=engine_config
         )
     except (ModelError, ValueError, OSError) as exc:
         print(f"ecoserve instance: {exc}", file=sys.stderr)
@@ -125,7 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout=args.drain_timeout,
         profile_cache_dir=default_cache_dir(),
     )
+    attach_fudg_role(service, config.fudg_role)
     return _run(serve(service))
+
+
+def attach_fudg_role(service: InstanceService, role: str) -> None:
+    """Give the service its FuDG role (before `start`, which subscribes the decode role's KV subject)."""
+    from services.instance.fudg import DecodeRole, PrefillRole
+
+    if role == "prefill":
+        service.fudg_prefill = PrefillRole(service)
+    elif role == "decode":
+        service.fudg_decode = DecodeRole(service)
 
 
 if __name__ == "__main__":

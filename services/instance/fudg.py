@@ -87,9 +87,8 @@ class FudgHost(Protocol):
 
 
 def decode_instance_of(request: DispatchRequest) -> str | None:
-    """The decode instance the coordinator chose: `DispatchRequest.decode_instance_id` once shared/messages.py
-    has that field (see the FuDG integration notes); None until then, and for non-FuDG dispatches."""
-    return getattr(request, "decode_instance_id", None)
+    """The decode instance the coordinator chose (None for non-FuDG dispatches)."""
+    return request.decode_instance_id
 
 
 @dataclass

@@ -46,6 +46,7 @@ from shared.messages import (
     DispatchAck,
     DispatchRequest,
     ErrorReply,
+    FudgRole,
     InstanceControl,
     InstanceInfo,
     InstanceState,
@@ -291,7 +292,13 @@ class InstanceService:
             host=socket.gethostname(),
             started_at=self._started_at,
             prefill_profile=None if self.prefill_profile is None else self.prefill_profile.to_dict(),
+            role=self._role(),
         )
+
+    def _role(self) -> FudgRole:
+        if self.fudg_prefill is not None:
+            return "prefill"
+        return "decode" if self.fudg_decode is not None else "mixed"
 
     # -- requests -------------------------------------------------------------------------------------------
 
