@@ -21,7 +21,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from services.text.detokenizer import DetokenizerDelta, IncrementalDetokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_DIR = Path.home() / ".cache" / "ecoserve" / "models" / "smollm2-135m-instruct-fp32"
 REPLACEMENT = "\ufffd"
 
 _LINES = [
@@ -105,10 +104,8 @@ def sp_tok() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def smol_tok() -> PreTrainedTokenizerBase:
-    if not (SMOLLM2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"no converted SmolLM2 folder at {SMOLLM2_DIR} (the model converter writes it)")
-    return AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+def smol_tok(smollm2_path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 def _encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:

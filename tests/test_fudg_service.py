@@ -35,11 +35,6 @@ from shared.kv_messages import KvTransferReport
 from shared.messages import AbortRequest, DispatchAck, TokenChunk
 from shared.wire import encode
 
-# Active once service.py carries the FuDG hook (the FudgHost methods and the fudg_* roles).
-pytestmark = pytest.mark.skipif(
-    not hasattr(InstanceService, "adopt"), reason="the FuDG hook is not in services/instance/service.py yet"
-)
-
 
 @pytest.fixture(scope="module")
 def model(tiny_models):

@@ -1,9 +1,6 @@
 """Mitosis scaling in the running coordinator (CoordinatorService on real NATS and Redis, scripted instances):
 placement at registration, splits, the overall scheduler spreading submits, removal into the spare pool, and
 the pool surviving a coordinator restart.
-
-Runs once the leader builds its own ScalingController (the integration described in scaling.py's module and
-the scaling report); until then it is skipped.
 """
 
 from __future__ import annotations
@@ -11,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from inspect import signature
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from coordinator_support import (
     FakeInstance,
@@ -27,16 +22,10 @@ from coordinator_support import (
 )
 from nats.aio.client import Client as NATS
 
-from services.coordinator.leader import Leader
 from services.coordinator.scaling import SPARE_POOL
 from services.infra.embedded import EmbeddedServer
 from shared import keys
 from shared.messages import SubmitAck
-
-pytestmark = pytest.mark.skipif(
-    "scaling_settings" not in signature(Leader).parameters,
-    reason="the leader does not run mitosis scaling yet",
-)
 
 
 @contextlib.asynccontextmanager
