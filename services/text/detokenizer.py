@@ -48,14 +48,15 @@ class DetokenizerDelta:
 class IncrementalDetokenizer:
     """Turns generated token ids into text, one push at a time.
 
-    With no stop string, `"".join(push(...).text for ...) + flush()` equals
-    `tokenizer.decode(output_ids, skip_special_tokens=...)` for byte-level tokenizers, with or without a
-    prompt, whatever the bytes, with one exception: a character whose bytes straddle the prompt/output
-    boundary is shown whole (decode of the output alone shows U+FFFD for its stray bytes; vLLM drops it). For SentencePiece-style ones, prompt context makes the first token keep
-    its leading space (the text is what follows the prompt's text, as vLLM gives it; pass no prompt to
-    get plain `decode(output_ids)`), and equality holds while the <0xNN> byte-fallback runs are valid
-    UTF-8: `decode` turns every byte of an invalid run into U+FFFD, complete characters included, which a
-    stream that has already shown them cannot match; it shows one U+FFFD per stray byte instead.
+    With no stop string, `"".join(push(...).text for ...) + flush()` equals `tokenizer.decode(output_ids,
+    skip_special_tokens=...)` for byte-level tokenizers, with or without a prompt, whatever the bytes, with
+    one exception: a character whose bytes straddle the prompt/output boundary is shown whole (decode of the
+    output alone shows U+FFFD for its stray bytes; vLLM drops it). For SentencePiece-style ones, prompt
+    context makes the first token keep its leading space (the text is what follows the prompt's text, as
+    vLLM gives it; pass no prompt to get plain `decode(output_ids)`), and equality holds while the <0xNN>
+    byte-fallback runs are valid UTF-8: `decode` turns every byte of an invalid run into U+FFFD, complete
+    characters included, which a stream that has already shown them cannot match; it shows one U+FFFD per
+    stray byte instead.
     """
 
     def __init__(
