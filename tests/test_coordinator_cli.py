@@ -211,3 +211,29 @@ def test_a_bad_scheduling_flag_is_a_usage_error(capsys: pytest.CaptureFixture[st
     assert "dispatch_policy" in capsys.readouterr().err
     assert main(["--n-lower", "4", "--n-upper", "5"]) == 2
     assert "n_lower" in capsys.readouterr().err
+
+
+def test_status_shows_the_prefill_window_of_a_padg_macro_instance() -> None:
+    padg = {
+        "macro_instance_id": "m0",
+        "members": ["a", "b"],
+        "policy": "padg",
+        "active": "b",
+        "window_epoch": 7,
+        "pending": 2,
+        "windows_opened": {"a": 3, "b": 4},
+    }
+    plain = {"macro_instance_id": "m1", "members": ["c"], "policy": "least_loaded"}
+    result = {
+        "coordinator_id": "c1",
+        "leader": True,
+        "inflight_requests": 0,
+        "macro_instances": [padg, plain],
+        "instances": [],
+        "config": {"dispatch_policy": "padg"},
+    }
+    lines = render(AdminRequest(command="status"), result)
+    assert lines[1] == (
+        "macro instance m0: a, b — prefill window: b (epoch 7), pending 2; windows opened: a 3, b 4"
+    )
+    assert lines[2] == "macro instance m1: c"

@@ -243,6 +243,18 @@ def render_scaling(view: dict[str, Any]) -> list[str]:
     return lines
 
 
+def padg_summary(macro: dict[str, Any]) -> str:
+    """The rolling activation of a PaDG macro instance, for its status line ("" under other policies)."""
+    if macro.get("policy") != "padg":
+        return ""
+    active = macro.get("active") or "none"
+    opened = macro.get("windows_opened") or {}
+    windows = ", ".join(f"{i} {n}" for i, n in opened.items())
+    epoch, pending = macro.get("window_epoch", 0), macro.get("pending", 0)
+    text = f" — prefill window: {active} (epoch {epoch}), pending {pending}"
+    return text + (f"; windows opened: {windows}" if windows else "")
+
+
 def render(request: AdminRequest, result: dict[str, Any]) -> list[str]:
     command = request.command
     if command == "status":
@@ -251,7 +263,7 @@ def render(request: AdminRequest, result: dict[str, Any]) -> list[str]:
         lines = [f"coordinator {result['coordinator_id']} ({role}), {inflight} requests in flight"]
         for macro in result["macro_instances"]:
             members = ", ".join(macro["members"]) or "(none)"
-            lines.append(f"macro instance {macro['macro_instance_id']}: {members}")
+            lines.append(f"macro instance {macro['macro_instance_id']}: {members}{padg_summary(macro)}")
         if not result["macro_instances"]:
             lines.append("no macro instances")
         lines += ["", *render_instances(result["instances"]), ""]
