@@ -11,82 +11,44 @@ SettingsError naming it.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from services.coordinator.mitosis import MitosisConfig
 from services.coordinator.overall_scheduler import CHOICES
+from services.coordinator.setting_keys import (
+    Key,
+    SettingError,
+    anything,
+    at_least,
+    choice,
+    parse_bool,
+    parse_float,
+    parse_int,
+    parse_updates,
+    positive,
+)
 
 BOUND_KEYS = ("n_lower", "n_upper", "ttft_slo")  # scheduling configuration keys mitosis reads
 
 
-class SettingsError(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+class SettingsError(SettingError):
+    pass
 
 
-def _bool(value: Any) -> bool:
-    if type(value) is bool:
-        return value
-    text = value.decode() if isinstance(value, bytes) else value
-    if isinstance(text, str) and text.strip().lower() in ("on", "true", "yes", "1"):
-        return True
-    if isinstance(text, str) and text.strip().lower() in ("off", "false", "no", "0"):
-        return False
-    raise ValueError("expected on/off")
-
-
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, str | bytes):
-        return int(value)
-    raise ValueError(f"expected an integer, got {type(value).__name__}")
-
-
-def _seconds(value: Any) -> float:
-    if type(value) in (int, float) or isinstance(value, str | bytes):
-        number = float(value)
-    else:
-        raise ValueError(f"expected a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _choice(value: Any) -> str:
-    name = value.decode() if isinstance(value, bytes) else value
-    if not isinstance(name, str) or name not in CHOICES:
-        raise ValueError(f"expected one of {', '.join(sorted(CHOICES))}, got {value!r}")
-    return name
-
-
-def _at_least(minimum: float) -> Callable[[Any], str | None]:
-    return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
-
-
-@dataclass(frozen=True)
-class _Key:
-    parse: Callable[[Any], Any]
-    check: Callable[[Any], str | None]
-    help: str
-
-
-_KEYS: dict[str, _Key] = {
-    "enabled": _Key(
-        _bool,
-        lambda _: None,
+_KEYS: dict[str, Key] = {
+    "enabled": Key(
+        parse_bool,
+        anything,
         "on: capacity follows the TTFT and saved-TPOT signals (new instances wait as spares); "
         "off: every new instance serves at once",
     ),
-    "window": _Key(_seconds, lambda v: None if v > 0 else "must be positive", "seconds the signals average"),
-    "min_samples": _Key(_int, _at_least(1), "fewer samples in the window are no evidence"),
-    "hold": _Key(_seconds, _at_least(0), "seconds a signal must hold without a break before acting"),
-    "cooldown": _Key(_seconds, _at_least(0), "seconds after a scaling action before the next"),
-    "macro_choice": _Key(_choice, lambda _: None, "how a request's macro instance is chosen"),
+    "window": Key(parse_float, positive, "seconds the signals average"),
+    "min_samples": Key(parse_int, at_least(1), "fewer samples in the window are no evidence"),
+    "hold": Key(parse_float, at_least(0), "seconds a signal must hold without a break before acting"),
+    "cooldown": Key(parse_float, at_least(0), "seconds after a scaling action before the next"),
+    "macro_choice": Key(choice(CHOICES), anything, "how a request's macro instance is chosen"),
 }
 
 
@@ -107,19 +69,7 @@ class ScalingSettings:
 
     def updated(self, updates: Mapping[str, Any]) -> ScalingSettings:
         """A copy with `updates` applied, all validated first (SettingsError on the first bad one)."""
-        parsed: dict[str, Any] = {}
-        for name, raw in updates.items():
-            key = _KEYS.get(name)
-            if key is None:
-                raise SettingsError(name, f"unknown scaling setting (known: {', '.join(_KEYS)})")
-            try:
-                value = key.parse(raw)
-            except ValueError as error:
-                raise SettingsError(name, f"bad value {raw!r}: {error}") from None
-            problem = key.check(value)
-            if problem is not None:
-                raise SettingsError(name, problem)
-            parsed[name] = value
+        parsed = parse_updates(_KEYS, updates, SettingsError, "scaling setting")
         return dataclasses.replace(self, **parsed)
 
     def to_dict(self) -> dict[str, Any]:

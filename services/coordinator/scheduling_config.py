@@ -8,114 +8,65 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from services.coordinator.padg import VARIANTS
 from services.coordinator.prefill_model import RULES
+from services.coordinator.setting_keys import (
+    Key,
+    SettingError,
+    anything,
+    at_least,
+    choice,
+    parse_bool,
+    parse_float,
+    parse_int,
+    parse_updates,
+    positive,
+)
 
 # least_loaded: NoDG/Sarathi balancing; padg: rolling prefill activation (services/coordinator/padg.py);
 # fudg: a prefill-role and a decode-role instance per request (services/coordinator/fudg_dispatch.py).
 DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "padg", "fudg")
 
 
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+class ConfigError(SettingError):
+    pass
 
 
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, str | bytes):
-        return int(value)
-    raise ValueError(f"expected an integer, got {type(value).__name__}")
-
-
-def _float(value: Any) -> float:
-    if type(value) in (int, float) or isinstance(value, str | bytes):
-        number = float(value)
-    else:
-        raise ValueError(f"expected a number, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        name = value.decode() if isinstance(value, bytes) else value
-        if not isinstance(name, str) or name not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return name
-
-    return parse
-
-
-def _bool(value: Any) -> bool:
-    if type(value) is bool:
-        return value
-    text = value.decode() if isinstance(value, bytes) else value
-    if isinstance(text, str):
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _at_least(minimum: float) -> Callable[[float], str | None]:
-    return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be positive, got {value}"
-
-
-def _anything(_: Any) -> str | None:
-    return None
-
-
-@dataclass(frozen=True)
-class _Key:
-    parse: Callable[[Any], Any]
-    check: Callable[[Any], str | None]
-    help: str
-
-
-_KEYS: dict[str, _Key] = {
-    "dispatch_policy": _Key(
-        _choice(DISPATCH_POLICIES),
-        _anything,
+_KEYS: dict[str, Key] = {
+    "dispatch_policy": Key(
+        choice(DISPATCH_POLICIES),
+        anything,
         "how a macro instance picks the instance for a request: least_loaded (NoDG/Sarathi), padg, or fudg "
         "(a prefill and a decode instance, by their --fudg-role)",
     ),
-    "max_waiting_per_instance": _Key(
-        _int, _at_least(1), "queued (waiting + not yet reported) requests per instance before 429"
+    "max_waiting_per_instance": Key(
+        parse_int, at_least(1), "queued (waiting + not yet reported) requests per instance before 429"
     ),
-    "lease_seconds": _Key(_float, _at_least(0.1), "an instance silent for this long is removed"),
-    "dispatch_timeout": _Key(_float, _at_least(0.05), "seconds to wait for an instance to take a request"),
-    "ttft_slo": _Key(_float, _positive, "PaDG: TTFT SLO in seconds (a prefill window's budget)"),
-    "tpot_slo": _Key(_float, _positive, "PaDG: time-per-output-token SLO in seconds (decode slack)"),
-    "padg_variant": _Key(
-        _choice(VARIANTS), _anything, "PaDG admission check: paper (Algorithm 1) or authors (official code)"
+    "lease_seconds": Key(parse_float, at_least(0.1), "an instance silent for this long is removed"),
+    "dispatch_timeout": Key(parse_float, at_least(0.05), "seconds to wait for an instance to take a request"),
+    "ttft_slo": Key(parse_float, positive, "PaDG: TTFT SLO in seconds (a prefill window's budget)"),
+    "tpot_slo": Key(parse_float, positive, "PaDG: time-per-output-token SLO in seconds (decode slack)"),
+    "padg_variant": Key(
+        choice(VARIANTS), anything, "PaDG admission check: paper (Algorithm 1) or authors (official code)"
     ),
-    "prefill_rule": _Key(
-        _choice(RULES), _anything, "PaDG prefill-time prediction from the profile: interpolate or authors"
+    "prefill_rule": Key(
+        choice(RULES), anything, "PaDG prefill-time prediction from the profile: interpolate or authors"
     ),
-    "hold_outputs": _Key(_bool, _anything, "PaDG: instances hold output tokens while their window is open"),
-    "pending_timeout": _Key(
-        _float,
-        _at_least(0.0),
+    "hold_outputs": Key(
+        parse_bool, anything, "PaDG: instances hold output tokens while their window is open"
+    ),
+    "pending_timeout": Key(
+        parse_float,
+        at_least(0.0),
         # Below the router's 10 s submit timeout, or a late answer finds nobody waiting for it.
         "PaDG paper variant: seconds a request may wait for a window before 429 (under the router's 10 s)",
     ),
-    "n_lower": _Key(_int, _at_least(1), "mitosis: fewest instances per macro instance (N_l)"),
-    "n_upper": _Key(_int, _at_least(1), "mitosis: most instances per macro instance (N_u >= 2*N_l - 1)"),
+    "n_lower": Key(parse_int, at_least(1), "mitosis: fewest instances per macro instance (N_l)"),
+    "n_upper": Key(parse_int, at_least(1), "mitosis: most instances per macro instance (N_u >= 2*N_l - 1)"),
 }
 
 
@@ -141,19 +92,7 @@ class SchedulingConfig:
 
     def updated(self, updates: Mapping[str, Any]) -> SchedulingConfig:
         """A copy with `updates` applied, all validated first (ConfigError on the first bad one)."""
-        parsed: dict[str, Any] = {}
-        for name, raw in updates.items():
-            key = _KEYS.get(name)
-            if key is None:
-                raise ConfigError(name, f"unknown configuration key (known: {', '.join(_KEYS)})")
-            try:
-                value = key.parse(raw)
-            except ValueError as error:
-                raise ConfigError(name, f"bad value {raw!r}: {error}") from None
-            problem = key.check(value)
-            if problem is not None:
-                raise ConfigError(name, problem)
-            parsed[name] = value
+        parsed = parse_updates(_KEYS, updates, ConfigError, "configuration key")
         config = dataclasses.replace(self, **parsed)
         # Splitting N_u + 1 instances must leave two macro instances of at least N_l each.
         if 2 * config.n_lower - 1 > config.n_upper:
