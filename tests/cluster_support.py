@@ -11,11 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import nats
 
 from services.coordinator.admin_api import endpoint_subject
+from services.instance.engine.attention import ATTENTION_NAME
+from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
+from services.instance.engine.sampling_params import SamplingParams
+from services.instance.models.loader import load_model
 from shared.messages import AdminReply, AdminRequest, decode_reply
 from shared.wire import encode
 
@@ -151,3 +157,51 @@ class ClusterProcesses:
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.processes)
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    nats_url: str,
+    redis_url: str,
+    model_dir: Path,
+    log_dir: Path,
+    name: str,
+    start: Callable[[ClusterProcesses], int],
+    ready_timeout: float = 120.0,
+) -> AsyncIterator[ClusterProcesses]:
+    """A cluster under a fresh prefix: `start(procs)` spawns its processes and returns how many instances
+    must be ready; yields once they are and the router is healthy (`procs.nc` connected), then stops all."""
+    prefix = f"{name}{int(time.time() * 1000) % 10**8}"
+    procs = ClusterProcesses(nats_url, redis_url, prefix, model_dir, log_dir)
+    nc = await nats.connect(nats_url)
+    try:
+        instances = start(procs)
+        await procs.wait_ready_instances(nc, instances, timeout=ready_timeout)
+        await procs.wait_router()
+        procs.nc = nc
+        yield procs
+    finally:
+        procs.stop_all()
+        await nc.close()
+
+
+class EngineAlone:
+    """The reference a cluster's output is compared with: greedy tokens of the engine alone, one request at a
+    time (cached per prompt and limits)."""
+
+    def __init__(self, model_dir: Path):
+        self._model = load_model(model_dir, dtype="float32", attn_implementation=ATTENTION_NAME)
+        self._cache: dict[tuple, list[int]] = {}
+
+    def __call__(self, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
+        key = (tuple(prompt_ids), max_tokens, ignore_eos)
+        if key not in self._cache:
+            engine = LLMEngine(self._model, eos_token_ids_of(self._model), EngineConfig())
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
+            engine.add_request("r", prompt_ids, params)
+            out: list[int] = []
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    out.extend(o.new_token_ids)
+            self._cache[key] = out
+        return self._cache[key]

@@ -9,15 +9,11 @@ import signal
 import time
 
 import aiohttp
-import nats
 import openai
 import pytest
-from cluster_support import ClusterProcesses
+from cluster_support import ClusterProcesses, EngineAlone, running_cluster
 
-from services.instance.engine.attention import ATTENTION_NAME
-from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
-from services.instance.engine.sampling_params import SamplingParams
-from services.instance.models.loader import load_model, load_tokenizer
+from services.instance.models.loader import load_tokenizer
 from shared import subjects
 from shared.messages import ErrorReply
 from shared.wire import decode
@@ -44,45 +40,21 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def engine_tokens(model_dir):
     """Greedy tokens from the engine alone, for any prompt ids."""
-    model = load_model(model_dir, dtype="float32", attn_implementation=ATTENTION_NAME)
-    cache: dict[tuple, list[int]] = {}
-
-    def run(prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
-        key = (tuple(prompt_ids), max_tokens, ignore_eos)
-        if key not in cache:
-            engine = LLMEngine(model, eos_token_ids_of(model), EngineConfig())
-            engine.add_request(
-                "r", prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
-            )
-            out: list[int] = []
-            while engine.has_unfinished_requests():
-                for o in engine.step():
-                    out.extend(o.new_token_ids)
-            cache[key] = out
-        return cache[key]
-
-    return run
+    return EngineAlone(model_dir)
 
 
 @pytest.fixture(scope="module")
 async def cluster(nats_server, redis_server, model_dir, tmp_path_factory):
-    prefix = f"e2e{int(time.time() * 1000) % 10**8}"
-    procs = ClusterProcesses(
-        nats_server.url, redis_server.url, prefix, model_dir, tmp_path_factory.mktemp("logs")
-    )
-    nc = await nats.connect(nats_server.url)
-    try:
+    def start(procs: ClusterProcesses) -> int:
         procs.start_coordinator()
         procs.start_instance("inst-a")
         procs.start_instance("inst-b")
         procs.start_router()
-        await procs.wait_ready_instances(nc, 2)
-        await procs.wait_router()
-        procs.nc = nc
+        return 2
+
+    logs = tmp_path_factory.mktemp("logs")
+    async with running_cluster(nats_server.url, redis_server.url, model_dir, logs, "e2e", start) as procs:
         yield procs
-    finally:
-        procs.stop_all()
-        await nc.close()
 
 
 def model_name(model_dir) -> str:

@@ -7,6 +7,7 @@ coordinator's in-flight entry under the decode instance is what ends it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import time
@@ -15,12 +16,8 @@ import aiohttp
 import nats
 import pytest
 import redis.asyncio as aioredis
-from cluster_support import ClusterProcesses
+from cluster_support import ClusterProcesses, EngineAlone, running_cluster
 
-from services.instance.engine.attention import ATTENTION_NAME
-from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
-from services.instance.engine.sampling_params import SamplingParams
-from services.instance.models.loader import load_model
 from shared import keys, subjects
 from shared.kv_messages import KvTransferReport
 from shared.messages import InstanceInfo, TokenChunk
@@ -42,40 +39,23 @@ def model_dir(tiny_models):
 @pytest.fixture(scope="module")
 def engine_tokens(model_dir):
     """Greedy tokens of the engine alone, one request at a time."""
-    model = load_model(model_dir, dtype="float32", attn_implementation=ATTENTION_NAME)
-
-    def run(prompt_ids: list[int]) -> list[int]:
-        engine = LLMEngine(model, eos_token_ids_of(model), EngineConfig())
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-        engine.add_request("r", prompt_ids, params)
-        out: list[int] = []
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out.extend(o.new_token_ids)
-        return out
-
-    return run
+    return functools.partial(EngineAlone(model_dir), max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 async def cluster(nats_server, redis_server, model_dir, tmp_path_factory):
-    prefix = f"fudg{int(time.time() * 1000) % 10**8}"
-    procs = ClusterProcesses(
-        nats_server.url, redis_server.url, prefix, model_dir, tmp_path_factory.mktemp("logs")
-    )
-    nc = await nats.connect(nats_server.url)
-    try:
+    def start(procs: ClusterProcesses) -> int:
         procs.start_coordinator("coordinator", "--dispatch-policy", "fudg")
         procs.start_instance(PREFILL, "--policy", "nodg", "--fudg-role", "prefill")
         procs.start_instance(DECODE, "--policy", "nodg", "--fudg-role", "decode")
         procs.start_router("router", None, "--router-id", ROUTER_ID)
-        await procs.wait_ready_instances(nc, 2, timeout=180)
-        await procs.wait_router()
-        procs.nc = nc
+        return 2
+
+    logs = tmp_path_factory.mktemp("logs")
+    async with running_cluster(
+        nats_server.url, redis_server.url, model_dir, logs, "fudg", start, ready_timeout=180
+    ) as procs:
         yield procs
-    finally:
-        procs.stop_all()
-        await nc.close()
 
 
 def prompt(i: int) -> list[int]:

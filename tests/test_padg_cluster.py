@@ -6,20 +6,16 @@ must equal the engine's alone, and a coordinator restart mid-run must resume the
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 
 import aiohttp
-import nats
 import pytest
 import redis.asyncio as aioredis
-from cluster_support import ClusterProcesses
+from cluster_support import ClusterProcesses, EngineAlone, running_cluster
 
 from services.coordinator.prefill_model import PrefillModel
-from services.instance.engine.attention import ATTENTION_NAME
-from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
-from services.instance.engine.sampling_params import SamplingParams
-from services.instance.models.loader import load_model
 from shared import keys
 from shared.messages import InstanceInfo
 from shared.prefill_profile import PrefillProfile
@@ -44,41 +40,23 @@ def model_dir(tiny_models):
 @pytest.fixture(scope="module")
 def engine_tokens(model_dir):
     """Greedy tokens of the engine alone, one request at a time."""
-    model = load_model(model_dir, dtype="float32", attn_implementation=ATTENTION_NAME)
-
-    def run(prompt_ids: list[int]) -> list[int]:
-        engine = LLMEngine(model, eos_token_ids_of(model), EngineConfig())
-        engine.add_request(
-            "r", prompt_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-        )
-        out: list[int] = []
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out.extend(o.new_token_ids)
-        return out
-
-    return run
+    return functools.partial(EngineAlone(model_dir), max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 async def cluster(nats_server, redis_server, model_dir, tmp_path_factory):
-    prefix = f"padg{int(time.time() * 1000) % 10**8}"
-    procs = ClusterProcesses(
-        nats_server.url, redis_server.url, prefix, model_dir, tmp_path_factory.mktemp("logs")
-    )
-    nc = await nats.connect(nats_server.url)
-    try:
+    def start(procs: ClusterProcesses) -> int:
         procs.start_coordinator("coordinator", *PADG_FLAGS)
         for instance_id in INSTANCES:
             procs.start_instance(instance_id, "--policy", "padg")
         procs.start_router()
-        await procs.wait_ready_instances(nc, len(INSTANCES), timeout=240)
-        await procs.wait_router()
-        procs.nc = nc
+        return len(INSTANCES)
+
+    logs = tmp_path_factory.mktemp("logs")
+    async with running_cluster(
+        nats_server.url, redis_server.url, model_dir, logs, "padg", start, ready_timeout=240
+    ) as procs:
         yield procs
-    finally:
-        procs.stop_all()
-        await nc.close()
 
 
 def prompt(i: int) -> list[int]:

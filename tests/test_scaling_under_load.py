@@ -10,9 +10,8 @@ import asyncio
 import time
 
 import aiohttp
-import nats
 import pytest
-from cluster_support import ClusterProcesses
+from cluster_support import ClusterProcesses, running_cluster
 from test_padg_cluster import engine_tokens, model_dir, prompt, text_of  # noqa: F401 (fixtures)
 
 from services.instance.models.loader import load_tokenizer
@@ -29,23 +28,18 @@ FLAGS = (
 
 @pytest.fixture(scope="module")
 async def cluster(nats_server, redis_server, model_dir, tmp_path_factory):  # noqa: F811
-    prefix = f"scal{int(time.time() * 1000) % 10**8}"
-    procs = ClusterProcesses(
-        nats_server.url, redis_server.url, prefix, model_dir, tmp_path_factory.mktemp("logs")
-    )
-    nc = await nats.connect(nats_server.url)
-    try:
+    def start(procs: ClusterProcesses) -> int:
         procs.start_coordinator("coordinator", *FLAGS)
         for instance_id in INSTANCES:
             procs.start_instance(instance_id, "--policy", "padg")
         procs.start_router()
-        await procs.wait_ready_instances(nc, len(INSTANCES), timeout=240)
-        await procs.wait_router()
-        procs.nc = nc
+        return len(INSTANCES)
+
+    logs = tmp_path_factory.mktemp("logs")
+    async with running_cluster(
+        nats_server.url, redis_server.url, model_dir, logs, "scal", start, ready_timeout=240
+    ) as procs:
         yield procs
-    finally:
-        procs.stop_all()
-        await nc.close()
 
 
 async def scaling_view(cluster: ClusterProcesses) -> dict:
