@@ -359,9 +359,8 @@ class Served:
         self.model = model
         self.headers = headers
 
-    async def one(self, index: int, request: Request, start: float) -> Timing:
-        await _at(start, request.offset)
-        payload = {
+    def payload(self, request: Request) -> dict[str, Any]:
+        return {
             "model": self.model,
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
@@ -370,6 +369,10 @@ class Served:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+
+    async def one(self, index: int, request: Request, start: float) -> Timing:
+        await _at(start, request.offset)
+        payload = self.payload(request)
         first: float | None = None
         chunks = 0
         usage_tokens: int | None = None
@@ -689,6 +692,7 @@ async def _measure(
             if "latency" in args.scenarios:
                 result["latency"] = await _latency(args, setup, paths, processes, latency)
                 result["latency"]["breakdown"] = await _breakdown(args, setup, served, latency)
+                result["latency"]["floor"] = await _floor(args, setup, served, latency, result["latency"])
             return result
     finally:
         await engine.shutdown()
@@ -800,6 +804,39 @@ async def _latency(
     return result
 
 
+async def _floor(
+    args: argparse.Namespace, setup: ServedSetup, served: Served, requests: list[Request], latency: dict
+) -> dict[str, Any]:
+    """The transport floor, measured now on this machine: the same client, payloads and idle gaps against
+    stand-ins that only move bytes over the served path's hops (bench/transport_floor.py): HTTP alone, and
+    HTTP plus three NATS hops through this cluster's nats-server. What the served path adds beyond the
+    latter is ecoserve's own work."""
+    from transport_floor import measure_floor, start_floor_servers
+
+    servers = start_floor_servers(setup.nats_url)
+    try:
+        times = await measure_floor(
+            served.session,
+            servers,
+            [served.payload(request) for request in requests],
+            args.latency_gap,
+        )
+    finally:
+        servers.stop()
+    result = {key: {"p50_ms": ms(median(v)), "p90_ms": ms(percentile(v, 90))} for key, v in times.items()}
+    floor = result["http_and_nats"]["p50_ms"]
+    added = latency.get("added_ttft_p50_ms")
+    result["added_beyond_floor_p50_ms"] = None if added is None or floor is None else added - floor
+    result["samples"] = {key: [ms(t) for t in v] for key, v in times.items()}
+    print(
+        f"  transport floor (no work, same client): HTTP {result['http']['p50_ms']:.2f} ms, "
+        f"HTTP + 3 NATS hops {floor:.2f} ms p50; the served path adds {added:.2f} ms, "
+        f"{result['added_beyond_floor_p50_ms']:.2f} ms beyond the floor",
+        flush=True,
+    )
+    return result
+
+
 SEGMENTS = (
     ("client_to_router", "HTTP in: client send -> router handler"),
     ("router_to_submit", "router: handler -> SubmitRequest on NATS"),
@@ -821,7 +858,7 @@ async def _breakdown(
     import nats
 
     from shared import subjects
-    from shared.messages import DispatchRequest, SubmitRequest, TokenChunk
+    from shared.messages import DispatchRequest, SubmitRequest, TokenBatch, TokenChunk
     from shared.wire import decode
 
     seen: dict[str, dict[str, tuple[float, Any]]] = {}
@@ -829,10 +866,12 @@ async def _breakdown(
     async def on_message(msg: Any) -> None:
         now = time.time()
         message = decode(msg.data)
-        if isinstance(message, TokenChunk) and message.seq != 0:
-            return
-        if isinstance(message, SubmitRequest | DispatchRequest | TokenChunk):
-            seen.setdefault(message.request_id, {}).setdefault(type(message).__name__, (now, message))
+        messages = message.chunks if isinstance(message, TokenBatch) else [message]
+        for message in messages:
+            if isinstance(message, TokenChunk) and message.seq != 0:
+                continue
+            if isinstance(message, SubmitRequest | DispatchRequest | TokenChunk):
+                seen.setdefault(message.request_id, {}).setdefault(type(message).__name__, (now, message))
 
     nc = await nats.connect(setup.nats_url)
     rows = []

@@ -114,6 +114,22 @@ class TokenChunk(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TokenBatch(Message):
+    """Instance → router: one engine step's TokenChunks for the requests that router owns, in one message
+    (one publish, one delivery and one decode per router per step instead of per request). An instance sends
+    a lone chunk as a plain TokenChunk."""
+
+    chunks: list[TokenChunk]
+
+
+def decode_token_chunks(data: bytes | bytearray | memoryview) -> list[TokenChunk]:
+    """The chunks of a message on a router's token subject (a TokenChunk or a TokenBatch); WireError if it
+    is neither."""
+    message = decode(data, (TokenChunk, TokenBatch))
+    return message.chunks if isinstance(message, TokenBatch) else [message]  # type: ignore[list-item]
+
+
+@dataclass(frozen=True, kw_only=True)
 class AbortRequest(Message):
     """Router → instance: stop these requests and free their KV blocks (client gone, stop string hit…)."""
 

@@ -27,6 +27,7 @@ from shared.messages import (
     RegisterAck,
     RegisterInstance,
     TokenChunk,
+    decode_token_chunks,
 )
 from shared.wire import Message, decode, encode
 
@@ -136,11 +137,11 @@ async def collect(
     open_ids = set(request_ids)
     deadline = time.monotonic() + timeout
     while open_ids:
-        chunk = await next_message(sub, deadline - time.monotonic())
-        assert isinstance(chunk, TokenChunk)
-        chunks[chunk.request_id].append(chunk)
-        if chunk.finished or chunk.error is not None:
-            open_ids.discard(chunk.request_id)
+        msg = await sub.next_msg(timeout=deadline - time.monotonic())
+        for chunk in decode_token_chunks(msg.data):
+            chunks[chunk.request_id].append(chunk)
+            if chunk.finished or chunk.error is not None:
+                open_ids.discard(chunk.request_id)
     return chunks
 
 

@@ -33,6 +33,7 @@ from shared.messages import (
     DispatchRequest,
     ErrorReply,
     InstanceLost,
+    InstanceStatus,
     RegisterAck,
     RegisterInstance,
     SubmitAck,
@@ -206,6 +207,30 @@ async def test_register_refuses_unusable_ids_and_subjects(
             ack = decode(answer.data, RegisterAck)
             assert not ack.accepted and ack.macro_instance_id is None and problem in ack.message
         assert (await admin(nats_client, ecoserve_prefix, "instances")).result["instances"] == []
+
+
+async def test_the_lease_key_holds_the_latest_status_for_routers(
+    config_for, nats_client: NATS, redis_client: aioredis.Redis, ecoserve_prefix: str
+) -> None:
+    async with running(config_for(lease_seconds=0.6)):
+        a = FakeInstance(nats_client, ecoserve_prefix, "inst-a")
+        await a.start()
+        lease_key = keys.instance_lease(ecoserve_prefix, "inst-a")
+        assert await redis_client.get(lease_key) == b"ready", "before its first report: the state"
+
+        async def lease_shows(running: int) -> bool:
+            raw = await redis_client.get(lease_key)
+            if raw is None or raw == b"ready":
+                return False
+            status = decode(raw, InstanceStatus)
+            return status.instance_id == "inst-a" and status.num_running == running
+
+        await a.report(running=2)
+        await eventually(lambda: lease_shows(2))  # the first report is written at once
+        for _ in range(6):  # later ones at most every lease/3 s
+            await a.report(running=5)
+            await asyncio.sleep(0.1)
+        assert await lease_shows(5)
 
 
 async def test_silent_instance_is_lost_and_its_requests_failed(

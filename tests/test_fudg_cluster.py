@@ -20,7 +20,7 @@ from cluster_support import ClusterProcesses, EngineAlone, running_cluster
 
 from shared import keys, subjects
 from shared.kv_messages import KvTransferReport
-from shared.messages import InstanceInfo, TokenChunk
+from shared.messages import InstanceInfo, TokenBatch, TokenChunk
 from shared.wire import decode
 
 pytestmark = pytest.mark.timeout(300)
@@ -120,7 +120,8 @@ async def test_disaggregated_requests_equal_the_engine(cluster, model_dir, engin
 
     # One stream per request, numbered 0, 1, 2, … across the hand-off (first token from the prefill instance).
     reports = await drain(reports_sub, KvTransferReport, len(prompts))
-    chunks: list[TokenChunk] = await drain(chunks_sub, TokenChunk, 10**6, timeout=1.0)
+    messages = await drain(chunks_sub, (TokenChunk, TokenBatch), 10**6, timeout=1.0)
+    chunks = [c for m in messages for c in (m.chunks if isinstance(m, TokenBatch) else [m])]
     by_request: dict[str, list[TokenChunk]] = {}
     for chunk in chunks:
         by_request.setdefault(chunk.request_id, []).append(chunk)

@@ -24,7 +24,7 @@ from services.instance.models.loader import load_model
 from services.instance.token_stream import ChunkBuilder
 from shared import subjects
 from shared.kv_messages import CHUNK_OVERHEAD, KvTransferReport
-from shared.messages import AbortRequest, DispatchRequest, TokenChunk
+from shared.messages import AbortRequest, DispatchRequest, TokenChunk, decode_token_chunks
 from shared.wire import decode, encode
 
 PROMPTS = [list(range(300, 341)), [5, 17, 300, 41, 9, 77], list(range(1000, 1019))]
@@ -169,10 +169,10 @@ class Cluster:
             await nc.close()
 
     async def _on_chunk(self, msg) -> None:
-        chunk = decode(msg.data, TokenChunk)
-        self.chunks.setdefault(chunk.request_id, []).append(chunk)
-        if chunk.finished:
-            self.done.setdefault(chunk.request_id, asyncio.Event()).set()
+        for chunk in decode_token_chunks(msg.data):
+            self.chunks.setdefault(chunk.request_id, []).append(chunk)
+            if chunk.finished:
+                self.done.setdefault(chunk.request_id, asyncio.Event()).set()
 
     async def _on_report(self, msg) -> None:
         self.reports.append(decode(msg.data, KvTransferReport))

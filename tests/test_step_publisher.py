@@ -11,7 +11,7 @@ import pytest
 from services.instance.engine.llm_engine import RequestOutput
 from services.instance.step_publisher import StepPublisher
 from services.instance.token_stream import ChunkBuilder
-from shared.messages import TokenChunk
+from shared.messages import TokenBatch, TokenChunk, decode_token_chunks
 from shared.wire import decode
 
 
@@ -23,13 +23,14 @@ def out(request_id: str, token: int, n: int, *, finished: bool = False) -> Reque
 class Harness:
     def __init__(self) -> None:
         self.sent: list[tuple[str, TokenChunk]] = []
+        self.payloads = 0  # messages published
         self.ended: list[str] = []
         self.publisher = StepPublisher(self.send, time.monotonic, self.ended.append)
         self.publisher.start()
 
     async def send(self, subject: str, payload: bytes) -> None:
-        chunk = decode(payload, TokenChunk)
-        self.sent.append((subject, chunk))
+        self.payloads += 1
+        self.sent.extend((subject, chunk) for chunk in decode_token_chunks(payload))
 
     def open(self, *request_ids: str) -> None:
         for request_id in request_ids:
@@ -68,6 +69,34 @@ async def test_one_step_many_requests_numbered_with_one_terminal_each():
     assert {subject for subject, c in h.sent if c.request_id == "b"} == {"router.b"}
     assert h.ended == ["a", "b"] and len(h.publisher) == 0
     await h.publisher.close()
+
+
+async def test_a_steps_chunks_for_one_router_go_out_as_one_message():
+    payloads: list[tuple[str, bytes]] = []
+
+    async def send(subject: str, payload: bytes) -> None:
+        payloads.append((subject, payload))
+
+    publisher = StepPublisher(send, time.monotonic)
+    publisher.start()
+    for request_id, router in (("a", "r1"), ("b", "r1"), ("c", "r1"), ("d", "r2")):
+        publisher.open(request_id, router, ChunkBuilder(request_id, 4, lambda t: t))
+    publisher.on_step([out(rid, 10 + i, 1) for i, rid in enumerate("abcd")], pending=True)
+    await asyncio.wait_for(publisher.flushed(), 5)
+    assert [subject for subject, _ in payloads] == ["r1", "r2"]
+    batch, single = decode(payloads[0][1]), decode(payloads[1][1])
+    assert isinstance(batch, TokenBatch) and [c.request_id for c in batch.chunks] == ["a", "b", "c"]
+    assert isinstance(single, TokenChunk) and single.request_id == "d", "a lone chunk is sent plain"
+    # Two steps queued before the sender runs: still one message per router, each request's chunks in order.
+    payloads.clear()
+    publisher.on_step([out("a", 20, 2), out("d", 21, 2)], pending=True)
+    publisher.on_step([out("a", 30, 3, finished=True), out("d", 31, 3)], pending=True)
+    await asyncio.wait_for(publisher.flushed(), 5)
+    assert [subject for subject, _ in payloads] == ["r1", "r2"]
+    for subject, payload in payloads:
+        chunks = decode_token_chunks(payload)
+        assert [c.seq for c in chunks] == [1, 2] and len({c.request_id for c in chunks}) == 1, subject
+    await publisher.close()
 
 
 async def test_fail_all_ends_every_open_request_with_an_error():
@@ -145,15 +174,14 @@ async def test_a_request_whose_chunk_cannot_be_sent_is_given_up():
     lost: list[str] = []
 
     async def send(subject: str, payload: bytes) -> None:
-        chunk = decode(payload, TokenChunk)
-        if chunk.request_id == "a":
+        if subject == "router.a":  # the router of "a" only: "b" goes elsewhere
             raise ConnectionError("connection closed")
-        sent.append(chunk)
+        sent.extend(decode_token_chunks(payload))
 
     publisher = StepPublisher(send, time.monotonic, on_lost=lost.append)
     publisher.start()
     for request_id in ("a", "b"):
-        publisher.open(request_id, "router", ChunkBuilder(request_id, 4, lambda t: t))
+        publisher.open(request_id, f"router.{request_id}", ChunkBuilder(request_id, 4, lambda t: t))
     publisher.on_step([out("a", 1, 1), out("b", 2, 1)], pending=True)
     await asyncio.wait_for(publisher.flushed(), 5)
     assert lost == ["a"] and "a" not in publisher and "b" in publisher

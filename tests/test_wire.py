@@ -34,9 +34,11 @@ from shared.messages import (
     RequestProgress,
     SubmitAck,
     SubmitRequest,
+    TokenBatch,
     TokenChunk,
     TokenLogprob,
     decode_reply,
+    decode_token_chunks,
 )
 from shared.wire import PROTOCOL_VERSION, Message, WireError, decode, encode, message_types
 
@@ -113,6 +115,7 @@ SAMPLES: list[Message] = [
         completion_tokens=0,
         stop_reason=2,
     ),
+    TokenBatch(chunks=[CHUNK, LAST_CHUNK]),
     AbortRequest(request_ids=["req-1", "req-2"], reason="client disconnected"),
     subjects.instance_subjects("ecoserve", "i0"),
     INFO,
@@ -535,3 +538,12 @@ def test_config_flags_default_to_environment() -> None:
         RouterConfig.add_arguments(argparse.ArgumentParser(), {"ECOSERVE_PORT": "x"})
     with pytest.raises(ValueError, match="invalid router_id"):
         RouterConfig(router_id="a.b")
+
+
+def test_a_token_subject_carries_a_chunk_or_a_batch_of_chunks() -> None:
+    assert decode_token_chunks(encode(CHUNK)) == [CHUNK]
+    assert decode_token_chunks(encode(TokenBatch(chunks=[CHUNK, LAST_CHUNK]))) == [CHUNK, LAST_CHUNK]
+    with pytest.raises(WireError, match="AbortRequest"):
+        decode_token_chunks(encode(AbortRequest(request_ids=["r"], reason="x")))
+    with pytest.raises(WireError, match="chunks"):
+        decode_token_chunks(packed({"v": 1, "type": "TokenBatch", "chunks": [{"request_id": 3}]}))

@@ -93,7 +93,8 @@ class Leader:
         self._checker: asyncio.Task[None] | None = None
         self._prompted: dict[str, float] = {}  # unknown instance → when it was last asked to register
         self._departed: dict[str, float] = {}  # deregistered instance → until when its reports are ignored
-        self._lease_written: dict[str, float] = {}  # instance → when its Redis lease key was last refreshed
+        # instance → when its Redis lease key was last written (monotonic), and the state written
+        self._lease_written: dict[str, tuple[float, str | None]] = {}
         self._stray_opened: dict[str, float] = {}  # instance → when it was last told to open (least_loaded)
         # Listeners of PaDG status deltas and activations (mitosis); they outlive policy switches.
         self.hooks = PadgHooks()
@@ -269,7 +270,7 @@ class Leader:
         elif status.prefill_window is False:
             self._open_stray_window(record, status, now)
         try:
-            await self._touch_lease(record)
+            await self._touch_lease(record, status)
         except RedisError as error:
             log.warning("could not refresh the lease key of %s: %s", status.instance_id, error)
 
@@ -312,13 +313,21 @@ class Leader:
         log.info("status from unregistered instance %s: asking it to register", instance_id)
         self._spawn(self._control_logged(instance_id, "register"))
 
-    async def _touch_lease(self, record: InstanceRecord, *, force: bool = False) -> None:
-        # The Redis lease key is for readers (routers, tools); throttled so a status every step is cheap.
+    async def _touch_lease(
+        self, record: InstanceRecord, status: InstanceStatus | None = None, *, force: bool = False
+    ) -> None:
+        """The Redis lease key, for readers (routers' /health and cluster gauges, tools): its value is the
+        instance's latest status (its state name before the first report). Throttled to every lease/3 s so
+        a status every step stays cheap, but a change of state is written at once."""
         now = time.monotonic()
         lease = self.scheduling.lease_seconds
-        if force or now - self._lease_written.get(record.instance_id, -lease) >= lease / 3:
-            self._lease_written[record.instance_id] = now
-            await self.store.touch_instance_lease(record.instance_id, self.coordinator_id, lease)
+        state = status.state if status is not None else record.state
+        written_at, written_state = self._lease_written.get(record.instance_id, (-lease, None))
+        if force or state != written_state or now - written_at >= lease / 3:
+            # Before the first status the state is not recorded, so the first report is written at once.
+            self._lease_written[record.instance_id] = (now, state if status is not None else None)
+            value = encode(status) if status is not None else state.encode()
+            await self.store.touch_instance_lease(record.instance_id, value, lease)
 
     async def _on_deregister(self, msg: Msg) -> None:
         try:

@@ -8,7 +8,9 @@
   a stale cache) and `state:<instance_id>` → "ready" | "draining" (the operator's intent survives restarts);
   under PaDG also `active` (the prefill instance), `window_epoch` (the PrefillWindow epoch: only ever grows),
   `window_opened_at` (unix seconds) and `windows:<instance_id>` (prefill windows it opened).
-- `keys.instance_lease(id)`: the coordinator id, with a TTL of the instance lease, refreshed from heartbeats.
+- `keys.instance_lease(id)`: the instance's latest wire-encoded InstanceStatus (its state name before its
+  first report), with a TTL of the instance lease, refreshed from heartbeats (routers read it for /health
+  and the cluster gauges).
 - `keys.config`: hash of scheduling configuration, values as text (see scheduling_config.py).
 Only the coordinator holding the macro instance's lease writes.
 """
@@ -193,9 +195,9 @@ class Store:
         )
         return bool(written)
 
-    async def touch_instance_lease(self, instance_id: str, holder: str, ttl_seconds: float) -> None:
+    async def touch_instance_lease(self, instance_id: str, value: bytes | str, ttl_seconds: float) -> None:
         await self.redis.set(
-            keys.instance_lease(self.prefix, instance_id), holder, px=max(1, round(ttl_seconds * 1000))
+            keys.instance_lease(self.prefix, instance_id), value, px=max(1, round(ttl_seconds * 1000))
         )
 
     async def save_config(self, values: Mapping[str, str]) -> None:

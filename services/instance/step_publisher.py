@@ -2,8 +2,9 @@
 
 The engine's step listener hands `on_step` a whole step's outputs; their TokenChunks are built right there
 on the event loop and queued, and one sender task publishes the queue (nats-py's `publish` only buffers;
-the client flushes on its own). So a step costs one task wake-up, not one per request: with a fast engine the
-per-request wake-ups were most of the serving overhead.
+the client flushes on its own). What is queued for one router goes out as one message (a TokenBatch, or a
+plain TokenChunk when it is alone), so a step costs one task wake-up and one publish per router, not one per
+request: with a fast engine the per-request work was most of the serving overhead.
 
 Guarantees, per request: chunks numbered 0, 1, 2, … in order, and exactly one terminal chunk whatever ends
 the request: the engine finished it, the router aborted it (`abort`), the instance failed it (`fail`, at
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from services.instance.engine.llm_engine import RequestOutput
 from services.instance.engine.output_hold import OutputHold
 from services.instance.token_stream import ChunkBuilder
-from shared.messages import TokenChunk
+from shared.messages import TokenBatch, TokenChunk
 from shared.wire import encode
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class StepPublisher:
         self._on_end = on_end  # a request got its terminal chunk
         self._on_lost = on_lost  # a request's chunk could not be sent: it is closed without a terminal chunk
         self._open: dict[str, _Open] = {}
-        self._queue: deque[tuple[str, str, bytes]] = deque()  # request id, subject, payload
+        self._queue: deque[tuple[str, TokenChunk]] = deque()  # subject, chunk
         self._wake = asyncio.Event()
         self._sent = asyncio.Event()  # the queue is empty and every payload handed to `send`
         self._sent.set()
@@ -218,7 +219,7 @@ class StepPublisher:
             log.exception("request %s: end callback failed", request_id)
 
     def _queue_chunk(self, subject: str, chunk: TokenChunk) -> None:
-        self._queue.append((chunk.request_id, subject, encode(chunk)))
+        self._queue.append((subject, chunk))
         self._sent.clear()
         self._wake.set()
 
@@ -249,14 +250,27 @@ class StepPublisher:
             self._wake.clear()
             failures = 0
             while self._queue:
-                request_id, subject, payload = self._queue.popleft()
-                try:
-                    await self._send(subject, payload)
-                except Exception as exc:  # NATS closed under us, or a bug: the stream has a hole now
-                    if failures == 0:
-                        log.warning("publishing tokens on %s failed: %r", subject, exc)
-                    failures += 1
-                    self._lose(request_id)
+                for subject, chunks in self._take_batches():
+                    try:
+                        await self._send(subject, _payload(chunks))
+                    except Exception as exc:  # NATS closed under us, or a bug: the streams have a hole now
+                        if failures == 0:
+                            log.warning("publishing tokens on %s failed: %r", subject, exc)
+                        failures += 1
+                        for chunk in chunks:
+                            self._lose(chunk.request_id)
             if failures > 1:
-                log.warning("%d more token chunks could not be published", failures - 1)
+                log.warning("%d more token messages could not be published", failures - 1)
             self._sent.set()
+
+    def _take_batches(self) -> list[tuple[str, list[TokenChunk]]]:
+        """Everything queued, grouped by subject; each request's chunks stay in order."""
+        batches: dict[str, list[TokenChunk]] = {}
+        while self._queue:
+            subject, chunk = self._queue.popleft()
+            batches.setdefault(subject, []).append(chunk)
+        return list(batches.items())
+
+
+def _payload(chunks: list[TokenChunk]) -> bytes:
+    return encode(chunks[0]) if len(chunks) == 1 else encode(TokenBatch(chunks=chunks))

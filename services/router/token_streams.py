@@ -1,7 +1,8 @@
 """Demultiplexes this router's token subject into per-HTTP-request event queues.
 
 Every request this router owns names `router_tokens(prefix, router_id)` as its reply subject, so one
-subscription carries all their TokenChunks. A request's sub-requests (prompts × n) share one asyncio.Queue,
+subscription carries all their TokenChunks (an instance sends one step's chunks for this router as one
+TokenBatch). A request's sub-requests (prompts × n) share one asyncio.Queue,
 registered before the SubmitRequest goes out: an instance may publish tokens before the coordinator's ack
 reaches us. This module also enforces the stream contract: `seq` runs 0, 1, 2, … (a gap means a lost chunk
 and ends that request with an error), a chunk with `error` is terminal, and an `InstanceLost` broadcast ends
@@ -21,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared import subjects
-from shared.messages import InstanceLost, TokenChunk
+from shared.messages import InstanceLost, TokenChunk, decode_token_chunks
 from shared.wire import WireError, decode
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,15 @@ class TokenStreams:
     async def _on_tokens(self, msg: Msg) -> None:
         received = time.perf_counter()
         try:
-            chunk = decode(msg.data, TokenChunk)
+            chunks = decode_token_chunks(msg.data)
         except WireError as error:
             self.malformed += 1
             log.warning("dropping a malformed message on %s: %s", msg.subject, error)
             return
+        for chunk in chunks:
+            self._deliver(chunk, received)
+
+    def _deliver(self, chunk: TokenChunk, received: float) -> None:
         entry = self._tracked.get(chunk.request_id)
         if entry is None:
             # Expected after an abort or a stop string: the instance had chunks in flight.
