@@ -130,6 +130,11 @@ class RouterConfig(CommonConfig):
     api_key: str | None = setting(None, "require `Authorization: Bearer <key>` when set", secret=True)
     router_id: str = setting(doc="this router's id (token subject name)", factory=_generated_id("router"))
     model: str | None = setting(None, "model folder or 'smollm2' (tokenizer and /v1/models name)")
+    served_model_name: str | None = setting(
+        None,
+        "the model id clients use and /v1/models lists (default: the model folder's name; the --model value "
+        "is accepted too)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +185,10 @@ class InstanceConfig(CommonConfig):
         "none",
         "FuDG role: none, prefill (hand every request to a decode instance after its first token) or decode",
     )
+    drain_timeout: float = setting(30.0, "seconds a shutdown waits for held requests before failing them")
+    served_model_name: str | None = setting(
+        None, "model name announced to the coordinator (default: --model as given, or 'smollm2')"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,3 +199,5 @@ class InstanceConfig(CommonConfig):
             raise ValueError(f"profile_prefill must be auto, on or off, got {self.profile_prefill!r}")
         if self.fudg_role not in FUDG_ROLES:
             raise ValueError(f"fudg_role must be one of {', '.join(FUDG_ROLES)}, got {self.fudg_role!r}")
+        if not self.drain_timeout >= 0:  # also rejects NaN
+            raise ValueError(f"drain_timeout must be non-negative, got {self.drain_timeout}")

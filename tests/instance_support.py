@@ -174,6 +174,7 @@ async def running(
     engine: AsyncEngine | None = None,
     *,
     profile_prefill: str = "auto",
+    drain_timeout: float = 30.0,
     **options: Any,
 ) -> AsyncIterator[InstanceService]:
     config = InstanceConfig(
@@ -182,6 +183,7 @@ async def running(
         instance_id=INSTANCE,
         heartbeat_interval=0.05,
         profile_prefill=profile_prefill,
+        drain_timeout=drain_timeout,
     )
     options.setdefault("register_interval", 0.1)
     service = InstanceService(config, engine or AsyncEngine(make_engine(model)), "tiny", **options)

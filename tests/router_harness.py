@@ -5,6 +5,7 @@ by aiohttp on a free port, and an SSE reader."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -172,7 +173,9 @@ async def serve_router(
     handler_cancellation: bool = False,
 ) -> AsyncIterator[str]:
     """The router app on a free loopback port; yields its base URL."""
-    app = create_app(config, tokenizer=tokenizer, served_model_name=served_model_name)
+    if served_model_name is not None:
+        config = dataclasses.replace(config, served_model_name=served_model_name)
+    app = create_app(config, tokenizer=tokenizer)
     runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

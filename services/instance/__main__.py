@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from services.cli import add_engine_args, engine_config_from_args
-from services.instance.service import DEFAULT_DRAIN_TIMEOUT, InstanceService
+from services.instance.service import InstanceService
 from shared.config import InstanceConfig
 
 log = logging.getLogger("services.instance")
@@ -34,20 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     InstanceConfig.add_arguments(parser)
     add_engine_args(parser)
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        # A string default goes through `type`, so a bad environment value is a usage error, not a crash.
-        default=os.environ.get("ECOSERVE_DRAIN_TIMEOUT", str(DEFAULT_DRAIN_TIMEOUT)),
-        help="seconds a shutdown waits for held requests before failing them (env ECOSERVE_DRAIN_TIMEOUT; "
-        "default: %(default)s)",
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=os.environ.get("ECOSERVE_SERVED_MODEL_NAME"),
-        help="model name announced to the coordinator (env ECOSERVE_SERVED_MODEL_NAME; default: --model "
-        f"as given, or {DEFAULT_MODEL_NAME!r})",
-    )
     return parser
 
 
@@ -95,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     if config.fudg_role != "none" and args.policy == "padg":
         # PaDG's prefill windows and FuDG's roles are two answers to the same interference: not both.
         parser.error(f"--fudg-role {config.fudg_role} needs --policy nodg or sarathi, not padg")
-    if args.drain_timeout < 0:
-        parser.error(f"--drain-timeout must be non-negative, got {args.drain_timeout}")
     level = logging.getLevelName(config.log_level.upper())
     if not isinstance(level, int):
         parser.error(f"unknown log level {config.log_level!r}")
@@ -124,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, ValueError, OSError) as exc:
         print(f"ecoserve instance: {exc}", file=sys.stderr)
         return 2
-    model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    model_name = config.served_model_name or args.model or DEFAULT_MODEL_NAME
     service = InstanceService(
         config,
         AsyncEngine(engine, clock=time.time),
         model_name,
-        drain_timeout=args.drain_timeout,
         profile_cache_dir=default_cache_dir(),
     )
     attach_fudg_role(service, config.fudg_role)

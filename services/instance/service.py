@@ -4,8 +4,8 @@ It listens on its three subjects (DispatchRequest, AbortRequest, InstanceControl
 registers with a coordinator (announcing its prefill profile, measured at start-up when the policy is
 padg), streams each request's tokens to the router that owns it (StepPublisher: one step's chunks at once),
 and reports its status after engine steps and as a heartbeat. Shutting down (SIGTERM, the `shutdown`
-command, a dead engine) drains: no new requests, held ones get `drain_timeout` seconds to finish, the rest
-end with an error chunk, then the instance deregisters and closes.
+command, a dead engine) drains: no new requests, held ones get `config.drain_timeout` seconds to finish, the
+rest end with an error chunk, then the instance deregisters and closes.
 
 The engine runs in its own thread (AsyncEngine); everything here runs on the event loop and never waits for
 a step, so heartbeats and replies keep flowing during a long prefill.
@@ -58,7 +58,6 @@ from shared.wire import Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_REGISTER_INTERVAL = 0.5
 UNAVAILABLE_RETRY_AFTER = 1.0  # seconds, in the ErrorReply that turns a dispatch away while draining
 FLUSH_TIMEOUT = 5.0  # seconds for the queued token chunks to reach NATS at shutdown
@@ -76,19 +75,15 @@ class InstanceService:
         engine: AsyncEngine,
         model_name: str,
         *,
-        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         register_interval: float = DEFAULT_REGISTER_INTERVAL,
         profile_cache_dir: Path | None = None,
     ):
         """`profile_cache_dir`: where start-up prefill profiles are cached (None: always measure)."""
-        if drain_timeout < 0:
-            raise ValueError(f"drain_timeout must be non-negative, got {drain_timeout}")
         if register_interval <= 0:
             raise ValueError(f"register_interval must be positive, got {register_interval}")
         self.config = config
         self.engine = engine
         self.model_name = model_name
-        self.drain_timeout = drain_timeout
         self.register_interval = register_interval
         self.state: InstanceState = "starting"
         self.macro_instance_id: str | None = None
@@ -101,6 +96,7 @@ class InstanceService:
         self.prefill_profile: PrefillProfile | None = None
         self._progress = ProgressBook(self._to_unix)
         self._reporter = StatusReporter(self._publish_status, config.heartbeat_interval)
+        self._reported_shape: tuple[int, int, str] | None = None  # (running, waiting, phase) of the last news
         self._publisher = StepPublisher(self._send, engine.clock, self._on_request_end, self._on_request_lost)
         self._window = PrefillWindowControl(engine, self._publisher, self._reporter.poke)
         self._register_task: asyncio.Task[None] | None = None
@@ -204,7 +200,9 @@ class InstanceService:
             return
         finished = asyncio.create_task(self._held_done())
         cut = asyncio.create_task(self._cut_drain.wait())
-        await asyncio.wait([finished, cut], timeout=self.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [finished, cut], timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         finished.cancel()
         cut.cancel()
 
@@ -425,11 +423,17 @@ class InstanceService:
     # -- status ---------------------------------------------------------------------------------------------
 
     def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        self._progress.update(outputs)
+        news = self._progress.update(outputs)
         if self.fudg_prefill is not None:
             outputs = self._hand_off(outputs, self.fudg_prefill)
         self._publisher.on_step(outputs, pending=stats.num_running + stats.num_waiting > 0)
-        self._reporter.poke()
+        # Admissions, finishes, first tokens and phase changes are what the coordinator schedules on.
+        shape = (stats.num_running, stats.num_waiting, phase_of(stats))
+        if news or shape != self._reported_shape:
+            self._reported_shape = shape
+            self._reporter.poke()
+        else:
+            self._reporter.poke_progress()
 
     def _hand_off(self, outputs: list[RequestOutput], prefill: PrefillRole) -> list[RequestOutput]:
         """FuDG prefill: requests the engine handed out with their KV leave without a terminal chunk; the

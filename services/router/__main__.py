@@ -1,4 +1,4 @@
-"""`python -m services.router`: run one router (RouterConfig flags, plus --served-model-name).
+"""`python -m services.router`: run one router (the RouterConfig flags).
 
 Any number of routers may run against the same NATS and Redis; each gets its own id and token subject.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from services.router.app import create_app
 from services.router.served_model import ModelSourceError
-from shared.config import RouterConfig, env_name
+from shared.config import RouterConfig
 
 log = logging.getLogger("services.router")
 
@@ -29,19 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m services.router", description="ecoserve's OpenAI-compatible HTTP router"
     )
     RouterConfig.add_arguments(parser)
-    variable = env_name("served_model_name")
-    parser.add_argument(
-        "--served-model-name",
-        default=os.environ.get(variable) or None,
-        help=f"the model id clients use and /v1/models lists (env {variable}; default: the model folder's "
-        "name; the --model value is accepted too)",
-    )
     return parser
 
 
-async def serve(config: RouterConfig, *, served_model_name: str | None = None) -> None:
+async def serve(config: RouterConfig) -> None:
     """Run until SIGINT or SIGTERM."""
-    app = create_app(config, served_model_name=served_model_name)
+    app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its handler at once, which aborts its requests.
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
@@ -87,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        _run(serve(config, served_model_name=args.served_model_name))
+        _run(serve(config))
     except ModelSourceError as error:
         log.error("%s", error)
         return 1

@@ -44,10 +44,8 @@ def create_app(
     config: RouterConfig,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    served_model_name: str | None = None,
 ) -> web.Application:
-    """The router app for `config`; `tokenizer` skips loading one from `config.model` (tests), and
-    `served_model_name` overrides the model id clients see (default: the model folder's name)."""
+    """The router app for `config`; `tokenizer` skips loading one from `config.model` (tests)."""
     metrics = RouterMetrics()
 
     def count_error(status: int) -> None:
@@ -59,7 +57,7 @@ def create_app(
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[METRICS] = metrics
-    app.cleanup_ctx.append(_runtime_context(tokenizer, served_model_name))
+    app.cleanup_ctx.append(_runtime_context(tokenizer))
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_get("/v1/models", handle_models)
@@ -69,13 +67,13 @@ def create_app(
 
 
 def _runtime_context(
-    tokenizer: PreTrainedTokenizerBase | None, served_model_name: str | None
+    tokenizer: PreTrainedTokenizerBase | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
         # Off the event loop: resolving the default model may run a child process, and loading takes ~1 s.
         model = await asyncio.to_thread(
-            build_served_model, config.model, served_model_name=served_model_name, tokenizer=tokenizer
+            build_served_model, config.model, served_model_name=config.served_model_name, tokenizer=tokenizer
         )
         closing = False
 
