@@ -30,9 +30,9 @@ Scenarios:
 Threads: the instance and the in-process engine use --threads torch threads (default 1). On the 2-core
 benchmark box that leaves the other core to the router, coordinator, NATS, Redis and this client, which is
 how `ecoserve up --threads-per-instance 1` would run; --threads 2 puts the engine on both cores and makes it
-compete with the services. --pin-cores runs the cluster as `ecoserve up --pin-cores` does (the instance on
-its own cores; the services float) and the in-process runs on the same cores; --isolate also puts the other
-services and this client on the remaining cores.
+compete with the services. --pin-cores (auto, on, off; default auto, as `ecoserve up`) places the cluster as
+`ecoserve up` does: the instance on cores of its own, NATS, Redis, the coordinator and the router on the rest;
+the in-process runs then use the instance's cores, and this client the rest during served runs.
 
 CPU: every run records the cores used by each process of ours (this process = client + in-process engine,
 and each service; the event loop thread separately from the engine thread), by every other process on the
@@ -42,7 +42,7 @@ cores, since one busy neighbour on 2 cores swamps a 5 % effect.
 
     .venv/bin/python bench/overhead.py                       # both models, both scenarios, 1 thread
     .venv/bin/python bench/overhead.py --models tiny --quick # smoke run
-    .venv/bin/python bench/overhead.py --pin-cores --json bench/results/overhead-pinned.json
+    .venv/bin/python bench/overhead.py --pin-cores off --json bench/results/overhead-unpinned.json
     .venv/bin/python bench/overhead.py --threads 2 --json bench/results/overhead-2t.json
 """
 
@@ -476,14 +476,15 @@ class ServedSetup:
     instance_id: str
     nats_url: str
     prefix: str
-    instance_cpus: set[int] | None  # the instance's CPU affinity (--pin-cores), else None
+    instance_cpus: frozenset[int] | None  # the instance's CPU affinity (--pin-cores), else None
+    control_cpus: frozenset[int] | None  # the control plane's (NATS, Redis, coordinator, router), else None
     processes: dict[str, int] = field(default_factory=dict)  # name → pid, for CPU accounting
 
 
 def plan_cluster(args: argparse.Namespace, model_dir: Path, dtype: str) -> ServedSetup:
     """Start NATS and Redis and plan the services exactly as `ecoserve up` would (same argv and env)."""
     from services.infra.embedded import free_port, start_nats, start_redis
-    from services.launcher import Cluster, add_up_args, plan_children
+    from services.launcher import Cluster, add_up_args, core_plan, plan_children
 
     up_parser = argparse.ArgumentParser()
     add_up_args(up_parser)
@@ -500,13 +501,14 @@ def plan_cluster(args: argparse.Namespace, model_dir: Path, dtype: str) -> Serve
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-num-seqs", str(args.max_num_seqs),
             "--prefix", f"overhead{os.getpid()}",
-            "--pin-cores" if args.pin_cores else "--no-pin-cores",
+            "--pin-cores", args.pin_cores,
         ]
     )  # fmt: skip
     cluster = Cluster()
+    control = core_plan(up).control
     # Started here, in the main thread: the embedded servers die with the thread that started them.
-    cluster.servers.append(start_nats())
-    cluster.servers.append(start_redis())
+    cluster.servers.append(start_nats(cpus=control))
+    cluster.servers.append(start_redis(cpus=control))
     nats_url, redis_url = cluster.servers[0].url, cluster.servers[1].url
     cluster.children = plan_children(up, nats_url, redis_url, str(model_dir))
     (instance,) = [c for c in cluster.children if c.name.startswith("instance")]
@@ -520,6 +522,7 @@ def plan_cluster(args: argparse.Namespace, model_dir: Path, dtype: str) -> Serve
         nats_url,
         up.prefix,
         instance.cpus,
+        control,
     )
     setup.processes = {"nats": cluster.servers[0].process.pid, "redis": cluster.servers[1].process.pid}
     return setup
@@ -544,20 +547,14 @@ def start_cluster(setup: ServedSetup, log_dir: Path) -> None:
         raise RuntimeError(f"the cluster did not become ready\n{tails}")
 
 
-def isolate_services(setup: ServedSetup) -> set[int]:
-    """Every thread of the other services and of this process on the cores the instance does not use: what
-    the launcher could do so that no router, NATS or client burst lands on the engine's core."""
+def client_off_the_engine(setup: ServedSetup) -> None:
+    """Every thread of this process (the client) on the control plane's cores, where a remote client's
+    bursts would not be: in-process runs move it back to the instance's cores (`pinned`)."""
     import psutil
 
-    assert setup.instance_cpus is not None
-    rest = set(os.sched_getaffinity(0)) - setup.instance_cpus
-    if not rest:
-        raise SystemExit("--isolate needs a core the instance does not use (fewer --threads)")
-    pids = [pid for name, pid in setup.processes.items() if not name.startswith("instance")]
-    for pid in [*pids, os.getpid()]:
-        for thread in psutil.Process(pid).threads():
-            os.sched_setaffinity(thread.id, rest)
-    return rest
+    assert setup.control_cpus is not None
+    for thread in psutil.Process().threads():
+        os.sched_setaffinity(thread.id, setup.control_cpus)
 
 
 def served_model_name(setup: ServedSetup) -> tuple[str, int | None]:
@@ -623,8 +620,13 @@ def bench_model(args: argparse.Namespace, name: str, dtype: str, log_dir: Path) 
     setup = plan_cluster(args, model_dir, dtype)
     try:
         start_cluster(setup, log_dir)
-        if args.isolate:
-            print(f"  services and client on cores {sorted(isolate_services(setup))}", flush=True)
+        if setup.control_cpus:
+            client_off_the_engine(setup)
+            print(
+                f"  instance on cores {sorted(setup.instance_cpus or ())}; NATS, Redis, coordinator, router "
+                f"and this client on {sorted(setup.control_cpus)}",
+                flush=True,
+            )
         served_name, served_max_len = served_model_name(setup)
         # The in-process engine gets the instance's own parsed settings: identical by construction.
         inst = instance_parser().parse_args(setup.instance_argv[3:])
@@ -1040,13 +1042,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument(
         "--pin-cores",
-        action="store_true",
-        help="`ecoserve up --pin-cores`: the instance on its own cores (and the in-process runs on the same)",
-    )
-    p.add_argument(
-        "--isolate",
-        action="store_true",
-        help="--pin-cores, and the other services and this client on the remaining cores",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="`ecoserve up --pin-cores`: the instance on cores of its own, the rest of the cluster and this "
+        "client on the others; the in-process runs on the instance's cores",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 8 requests, 1 repeat, 5 latency pairs")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -1054,7 +1053,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be at least 1")
-    args.pin_cores = args.pin_cores or args.isolate
     if args.quick:
         args.requests, args.repeats, args.latency_repeats = 8, 1, 5
         args.new_tokens = (8, 16)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from services.core_plan import PIN_MODES, CorePlan, pin_mode, plan_cores
 from services.infra.embedded import EmbeddedServer, start_nats, start_redis
 
 log = logging.getLogger("ecoserve.up")
@@ -74,7 +75,7 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    cpus: set[int] | None = None  # CPU affinity, so instances do not compete for the same cores
+    cpus: frozenset[int] | None = None  # CPU affinity (core_plan.py): engines and control plane apart
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -163,9 +164,16 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pin-cores",
-        action=argparse.BooleanOptionalAction,
-        default=env("ECOSERVE_PIN_CORES", "0") == "1",
-        help="pin instance i to its own cores (taskset-style affinity)",
+        nargs="?",
+        const="on",
+        type=pin_mode,
+        default=env("ECOSERVE_PIN_CORES", "auto"),
+        metavar="{" + ",".join(PIN_MODES) + "}",
+        help="CPU affinity: each instance on cores of its own, NATS, Redis, the coordinator and the router "
+        "on the rest; auto (default): when every instance thread gets a core of its own",
+    )
+    p.add_argument(
+        "--no-pin-cores", dest="pin_cores", action="store_const", const="off", help="--pin-cores off"
     )
     p.add_argument("--kv-cache-gb", type=float, default=float(env("ECOSERVE_KV_CACHE_GB", "1")))
     p.add_argument(
@@ -197,12 +205,26 @@ def _int(value: str | None) -> int | None:
     return int(value) if value else None
 
 
+def threads_per_instance(args: argparse.Namespace) -> int:
+    return args.threads_per_instance or max(1, (os.cpu_count() or 1) // len(instance_roles(args)))
+
+
+def core_plan(args: argparse.Namespace) -> CorePlan:
+    """Where the processes of this `ecoserve up` run (the same answer every time it is asked)."""
+    return plan_cores(
+        os.sched_getaffinity(0),
+        len(instance_roles(args)),
+        threads_per_instance(args),
+        pin_mode(args.pin_cores),
+    )
+
+
 def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model_dir: str) -> list[Child]:
     python = sys.executable
     common = ["--nats-url", nats_url, "--redis-url", redis_url, "--prefix", args.prefix]
     roles = instance_roles(args)
-    cores = os.cpu_count() or 1
-    threads = args.threads_per_instance or max(1, cores // len(roles))
+    threads = threads_per_instance(args)
+    cores = core_plan(args)
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     policy, dispatch = STRATEGIES[args.strategy]
     coordinator = [
@@ -217,7 +239,7 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
         "--tpot-slo",
         str(args.tpot_slo),
     ]
-    children = [Child("coordinator", coordinator, base_env)]
+    children = [Child("coordinator", coordinator, base_env, cores.control)]
     for i, role in enumerate(roles):
         env = {**base_env, "OMP_NUM_THREADS": str(threads)}
         argv = [
@@ -244,8 +266,7 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
         ]
         if role != "none":
             argv += ["--fudg-role", role]
-        cpus = {(i * threads + k) % cores for k in range(threads)} if args.pin_cores else None
-        children.append(Child(f"instance-{i}", argv, env, cpus))
+        children.append(Child(f"instance-{i}", argv, env, cores.instances[i]))
     router = [
         python,
         "-m",
@@ -261,7 +282,7 @@ def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model
     router_env = dict(base_env)
     if args.api_key:
         router_env["ECOSERVE_API_KEY"] = args.api_key  # not on the command line, where `ps` would show it
-    children.append(Child("router", router, router_env))
+    children.append(Child("router", router, router_env, cores.control))
     return children
 
 
@@ -314,12 +335,13 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         nats_url, redis_url = args.nats_url, args.redis_url
         # The standard ports when free, so `ecoserve admin` and redis-cli find them without flags.
+        control = core_plan(args).control
         if not nats_url:
-            server = start_nats(_port_if_free(4222))
+            server = start_nats(_port_if_free(4222), cpus=control)
             cluster.servers.append(server)
             nats_url = server.url
         if not redis_url:
-            server = start_redis(_port_if_free(6379))
+            server = start_redis(_port_if_free(6379), cpus=control)
             cluster.servers.append(server)
             redis_url = server.url
         log.info("NATS %s, Redis %s", nats_url, redis_url)

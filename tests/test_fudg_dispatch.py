@@ -137,3 +137,16 @@ def test_choose_for_records_counts_unlisted_dispatches():
     inflight.observe(done, 0.2)
     registry.heartbeat(done, now=0.2)
     assert choose() == FudgDispatch("p0", "d1")
+
+
+def test_a_lost_prefill_instance_takes_its_handed_off_requests_with_it():
+    inflight = InflightTracker()
+    # r1 still prefilling on p0; r2 already handed to d0 (p0's entry gone); r3 is someone else's.
+    inflight.add(Inflight("r1", "p0", "subj", 10, 0.0, partner="d0"))
+    inflight.add(Inflight("r1", "d0", "subj", 10, 0.0, partner="p0", awaiting_kv=True))
+    inflight.add(Inflight("r2", "d0", "subj", 10, 0.0, partner="p0"))
+    inflight.add(Inflight("r3", "d0", "subj", 10, 0.0, partner="p1"))
+    assert [e.request_id for e in inflight.take_instance("p0")] == ["r1"]
+    assert [(e.request_id, e.instance_id) for e in inflight.take_partnered("p0")] == [("r2", "d0")]
+    assert [e.request_id for e in inflight.of("d0")] == ["r3"]
+    assert inflight.take_partnered("p0") == []

@@ -116,6 +116,19 @@ class InflightTracker:
                 self.discard(entry.partner, entry.request_id)
         return entries
 
+    def take_partnered(self, instance_id: str) -> list[Inflight]:
+        """Remove and return the entries whose FuDG partner is the instance (after `take_instance`, for a
+        lost prefill instance: the requests it had already handed to decode instances)."""
+        taken = []
+        for holder, requests in list(self._by_instance.items()):
+            for request_id, entry in list(requests.items()):
+                if entry.partner == instance_id:
+                    taken.append(entry)
+                    del requests[request_id]
+            if not requests:
+                del self._by_instance[holder]
+        return taken
+
     def prune(self, now: float) -> int:
         """Forget requests older than max_age; returns how many."""
         dropped = 0

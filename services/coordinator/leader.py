@@ -389,7 +389,9 @@ class Leader:
 
     async def _fail_requests(self, instance_id: str, error: str) -> None:
         """End the streams of the instance's unfinished requests with a terminal error chunk; a FuDG request's
-        other instance is told to abort it (its KV would otherwise be decoded for nobody)."""
+        other instance is told to abort it (its KV would otherwise be decoded for nobody). That includes the
+        requests a lost prefill instance had already handed off: their routers followed them through it, so
+        its InstanceLost ended their streams."""
         for entry in self.inflight.take_instance(instance_id):
             if entry.partner is not None and entry.partner in self.registry:
                 abort = AbortRequest(request_ids=[entry.request_id], reason=error)
@@ -405,6 +407,10 @@ class Leader:
                 error=error,
             )
             await self.nc.publish(entry.reply_subject, encode(chunk))
+        for entry in self.inflight.take_partnered(instance_id):
+            if entry.instance_id in self.registry:
+                abort = AbortRequest(request_ids=[entry.request_id], reason=error)
+                await self.nc.publish(self.registry.get(entry.instance_id).info.subjects.abort, encode(abort))
 
     async def _forget(self, records: list[InstanceRecord]) -> None:
         for record in records:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import TracebackType
 
@@ -87,6 +87,21 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the parent died between fork and prctl
             os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _child_setup(parent_pid: int, cpus: Collection[int] | None) -> Callable[[], None] | None:
+    """The forked child's setup before exec: die with the parent, and run on `cpus` when given."""
+    die = _die_with_parent(parent_pid)
+    if not cpus:
+        return die
+    mask = set(cpus)
+
+    def preexec() -> None:
+        if die is not None:
+            die()
+        os.sched_setaffinity(0, mask)
 
     return preexec
 
@@ -205,6 +220,7 @@ def _start(
     ready: Callable[[EmbeddedServer], bool],
     port: int | None,
     timeout: float,
+    cpus: Collection[int] | None = None,
 ) -> EmbeddedServer:
     binary = find_binary(name)
     attempt = 0
@@ -220,7 +236,7 @@ def _start(
                 stderr=subprocess.STDOUT,
                 # Own process group: a terminal's Ctrl-C reaches the launcher, which stops servers last.
                 process_group=0,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=_child_setup(os.getpid(), cpus),
             )
         except OSError as error:
             Path(log_name).unlink(missing_ok=True)
@@ -264,9 +280,14 @@ def _wait_ready(server: EmbeddedServer, ready: Callable[[EmbeddedServer], bool],
 
 
 def start_nats(
-    port: int | None = None, *, jetstream_dir: str | Path | None = None, timeout: float = 15.0
+    port: int | None = None,
+    *,
+    jetstream_dir: str | Path | None = None,
+    timeout: float = 15.0,
+    cpus: Collection[int] | None = None,
 ) -> EmbeddedServer:
-    """nats-server on 127.0.0.1 (a free port unless given); with `jetstream_dir`, JetStream stored there."""
+    """nats-server on 127.0.0.1 (a free port unless given); with `jetstream_dir`, JetStream stored there;
+    `cpus`: its CPU affinity."""
 
     server_name = f"ecoserve-{secrets.token_hex(8)}"  # how the probe recognises this server
 
@@ -277,14 +298,19 @@ def start_nats(
         return args
 
     return _start(
-        "nats-server", argv, lambda p: f"nats://{HOST}:{p}", _nats_probe(server_name), port, timeout
+        "nats-server", argv, lambda p: f"nats://{HOST}:{p}", _nats_probe(server_name), port, timeout, cpus
     )
 
 
 def start_redis(
-    port: int | None = None, *, data_dir: str | Path | None = None, timeout: float = 15.0
+    port: int | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    timeout: float = 15.0,
+    cpus: Collection[int] | None = None,
 ) -> EmbeddedServer:
-    """redis-server on 127.0.0.1 (a free port unless given), no persistence; `data_dir`: its working dir."""
+    """redis-server on 127.0.0.1 (a free port unless given), no persistence; `data_dir`: its working dir;
+    `cpus`: its CPU affinity."""
 
     def argv(chosen: int) -> list[str]:
         args = ["--bind", HOST, "--port", str(chosen), "--save", "", "--appendonly", "no"]
@@ -292,4 +318,4 @@ def start_redis(
             args += ["--dir", str(data_dir)]
         return args
 
-    return _start("redis-server", argv, lambda p: f"redis://{HOST}:{p}/0", _redis_ready, port, timeout)
+    return _start("redis-server", argv, lambda p: f"redis://{HOST}:{p}/0", _redis_ready, port, timeout, cpus)
