@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -550,11 +550,21 @@ def start_cluster(setup: ServedSetup, log_dir: Path) -> None:
 def client_off_the_engine(setup: ServedSetup) -> None:
     """Every thread of this process (the client) on the control plane's cores, where a remote client's
     bursts would not be: in-process runs move it back to the instance's cores (`pinned`)."""
+    assert setup.control_cpus is not None
+    _all_threads_on(setup.control_cpus)
+
+
+def _all_threads_on(cpus: Iterable[int]) -> None:
     import psutil
 
-    assert setup.control_cpus is not None
     for thread in psutil.Process().threads():
-        os.sched_setaffinity(thread.id, setup.control_cpus)
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(thread.id, cpus)
+
+
+# The cores this benchmark may use, as it started: the next model's cluster is planned on all of them, not
+# on the control-plane cores the client was moved to for the previous one.
+START_CPUS = frozenset(os.sched_getaffinity(0))
 
 
 def served_model_name(setup: ServedSetup) -> tuple[str, int | None]:
@@ -643,6 +653,7 @@ def bench_model(args: argparse.Namespace, name: str, dtype: str, log_dir: Path) 
         stats = engine.stats()
     finally:
         setup.cluster.stop()
+        _all_threads_on(START_CPUS)
     return {
         "model": name,
         "dtype": dtype,
