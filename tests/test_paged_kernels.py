@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -332,3 +334,23 @@ def test_kv_heads_split_across_threads(impl: Impl, lens: list[int]) -> None:
         check(impl, case, 30, torch.bfloat16)
     finally:
         torch.set_num_threads(1)
+
+
+def test_stale_libraries_of_the_same_source_are_pruned(tiny_source: Path, tmp_path: Path) -> None:
+    kernels = tmp_path / "cache" / "kernels"
+    kernels.mkdir(parents=True)
+    month_ago = time.time() - 31 * 24 * 3600
+    stale = [kernels / f"answer-{'a' * 32}.so", kernels / f"{'b' * 32}.so"]  # an older build; the old naming
+    kept = [
+        kernels / f"answer-{'c' * 32}.so",  # used recently (another CPU sharing the cache, say)
+        kernels / f"paged_decode-{'d' * 32}.so",  # another kernel's
+        kernels / "notes.txt",
+    ]
+    for path in [*stale, *kept]:
+        path.write_bytes(b"")
+    for path in [*stale, kept[1]]:
+        os.utime(path, (month_ago, month_ago))
+    path, _ = build_library(tiny_source)
+    assert path.name.startswith("answer-")
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept) and path.exists()

@@ -1,22 +1,27 @@
 """Native kernels: compile a C source once per machine into a content-addressed cache, load it with ctypes.
 
-The cache is `<cache root>/kernels/<sha256 of source + flags + compiler + host CPU>.so`. A build writes a
-temporary file next to the target and renames it into place, so concurrent builders (threads or processes)
-never expose a half-written library: the last rename wins and every candidate is identical.
+The cache is `<cache root>/kernels/<source name>-<sha256 of source + flags + compiler + host CPU>.so`. A build
+writes a temporary file next to the target and renames it into place, so concurrent builders (threads or
+processes) never expose a half-written library: the last rename wins and every candidate is identical.
+Each use stamps the library's access time; libraries of the same source not used for STALE_AFTER_S (left by
+an older source, compiler or CPU) are deleted when another is built or used, so upgrades do not pile up.
 If no compiler works, `NativeLibrary.get()` warns once and returns None, and callers use their torch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import re
 import shlex
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +40,8 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
 COMMON_FLAGS = ("-std=gnu11", "-shared", "-fPIC")
 DISABLE_ENV = "ECOSERVE_NATIVE_KERNELS"
 COMPILE_TIMEOUT_S = 300
+STALE_AFTER_S = 30 * 24 * 3600
+_UNNAMED = re.compile(r"[0-9a-f]{32}\.so")  # the names of versions before the source name was in it
 
 
 class KernelBuildError(RuntimeError):
@@ -71,14 +78,14 @@ def _host_cpu() -> str:
     return "\n".join(line for line in lines if line.startswith(("model name", "flags", "vendor_id")))
 
 
-def library_path(source: bytes, flags: Sequence[str], compiler: Sequence[str]) -> Path:
+def library_path(name: str, source: bytes, flags: Sequence[str], compiler: Sequence[str]) -> Path:
     digest = hashlib.sha256()
     for part in (source, "\0".join(flags).encode(), _compiler_identity(tuple(compiler)).encode()):
         digest.update(part)
         digest.update(b"\0")
     if "-march=native" in flags:
         digest.update(_host_cpu().encode())
-    return cache_root() / "kernels" / f"{digest.hexdigest()[:32]}.so"
+    return cache_root() / "kernels" / f"{name}-{digest.hexdigest()[:32]}.so"
 
 
 def _compile(compiler: Sequence[str], source_path: Path, flags: Sequence[str], target: Path) -> None:
@@ -106,16 +113,41 @@ def build_library(source_path: Path, compiler: Sequence[str] | None = None) -> t
     source = source_path.read_bytes()
     failures: list[str] = []
     for flags in FLAG_SETS:
-        target = library_path(source, flags, compiler)
-        if target.exists():
-            return target, flags
-        try:
-            _compile(compiler, source_path, flags, target)
-        except KernelBuildError as exc:
-            failures.append(str(exc))
-            continue
+        target = library_path(source_path.stem, source, flags, compiler)
+        if not target.exists():
+            try:
+                _compile(compiler, source_path, flags, target)
+            except KernelBuildError as exc:
+                failures.append(str(exc))
+                continue
+        _mark_used(target)
+        prune_stale(target, source_path.stem, time.time())
         return target, flags
     raise KernelBuildError("every flag set failed:\n" + "\n".join(failures))
+
+
+def _mark_used(path: Path) -> None:
+    """Stamp the access time (mount options may not), keeping the modification time (the build's)."""
+    with contextlib.suppress(OSError):  # a read-only cache: nothing gets pruned from it either
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+
+
+def prune_stale(keep: Path, name: str, now: float) -> list[Path]:
+    """Delete the other libraries of source `name` (and unnamed ones from older versions) last used more
+    than STALE_AFTER_S ago; returns them. A process that still has one loaded keeps its mapping."""
+    own = re.compile(re.escape(name) + r"-[0-9a-f]{32}\.so")
+    removed = []
+    for path in keep.parent.glob("*.so"):
+        if path == keep or not (own.fullmatch(path.name) or _UNNAMED.fullmatch(path.name)):
+            continue
+        try:
+            status = path.stat()
+            if now - max(status.st_atime, status.st_mtime) > STALE_AFTER_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete
+    return removed
 
 
 class NativeLibrary:
