@@ -41,7 +41,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from services.bench import results  # noqa: E402
 from services.bench.cpu import CpuSampler, busy_seconds  # noqa: E402
 from services.bench.workloads import DATASETS, load_workload  # noqa: E402
+from services.infra.embedded import free_port  # noqa: E402
 
 PYTHON = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -139,12 +139,6 @@ class Launcher:
             strategies=[s.strip() for s in choices.group(1).split(",")] if choices else [],
             flags=set(re.findall(r"(--[a-z][a-z0-9-]*)", text)),
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

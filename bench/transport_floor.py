@@ -79,14 +79,6 @@ async def _http(nats_url: str, port: int, ring: str | None, back: str) -> None:
     await asyncio.Event().wait()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class FloorServers:
     """The stand-in processes: `bare_url` answers at once, `ring_url` after three NATS hops."""
@@ -106,10 +98,12 @@ class FloorServers:
 
 
 def start_floor_servers(nats_url: str) -> FloorServers:
+    from services.infra.embedded import free_port
+
     me = [sys.executable, __file__]
     tag = os.urandom(4).hex()
     a, b, back = f"floor.{tag}.a", f"floor.{tag}.b", f"floor.{tag}.back"
-    bare_port, ring_port = _free_port(), _free_port()
+    bare_port, ring_port = free_port(), free_port()
     argvs = [
         [*me, "relay", "--nats", nats_url, "--listen", a, "--forward", b],
         [*me, "relay", "--nats", nats_url, "--listen", b, "--forward", back],
