@@ -211,12 +211,10 @@ def threads_per_instance(args: argparse.Namespace) -> int:
 
 def core_plan(args: argparse.Namespace) -> CorePlan:
     """Where the processes of this `ecoserve up` run (the same answer every time it is asked)."""
-    return plan_cores(
-        os.sched_getaffinity(0),
-        len(instance_roles(args)),
-        threads_per_instance(args),
-        pin_mode(args.pin_cores),
-    )
+    instances, threads = len(instance_roles(args)), threads_per_instance(args)
+    mode = pin_mode(args.pin_cores) if hasattr(os, "sched_setaffinity") else "off"  # Linux only
+    available = os.sched_getaffinity(0) if mode != "off" else range(os.cpu_count() or 1)
+    return plan_cores(available, instances, threads, mode)
 
 
 def plan_children(args: argparse.Namespace, nats_url: str, redis_url: str, model_dir: str) -> list[Child]:
