@@ -405,6 +405,19 @@ async def test_one_failed_submit_of_n_aborts_the_accepted_ones(router, http, clu
         ("/v1/completions", {"prompt": "x " * 10, "max_tokens": 4090}, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
+        # Lone surrogates (legal JSON escapes, not text) reach neither the tokenizer nor the wire encoder.
+        ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": ["ok", "\udc00"]}, "stop[1]"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi \ud83d"}]},
+            "messages[0].content",
+        ),
+        # Beyond 64 bits, or not finite: nothing means that, and msgpack could not carry it.
+        ("/v1/completions", {"prompt": "x", "seed": 2**70}, "seed"),
+        ("/v1/completions", {"prompt": "x", "top_k": 10**30}, "top_k"),
+        ("/v1/completions", {"prompt": "x", "temperature": float("inf")}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 10**400}, "top_p"),
     ],
 )
 async def test_bad_input_is_400_naming_the_field(router, http, cluster, path, body, param):
@@ -412,6 +425,22 @@ async def test_bad_input_is_400_naming_the_field(router, http, cluster, path, bo
     assert status == 400, response
     assert response["error"]["param"] == param and response["error"]["type"] == "invalid_request_error"
     assert cluster.submits == []
+
+
+async def test_an_emoji_escaped_as_a_surrogate_pair_is_text(router, http, cluster, tokenizer):
+    cluster.planner = lambda request: plan_text(tokenizer)
+    status, body = await post(
+        http, f"{router}/v1/completions", {"prompt": "smile \U0001f600", "stop": ["\U0001f600"]}
+    )
+    assert status == 200, body
+    assert len(cluster.submits) == 1
+
+
+async def test_n_samples_from_the_largest_seed_stay_64_bit(router, http, cluster, tokenizer):
+    cluster.planner = lambda request: plan_text(tokenizer)
+    status, body = await post(http, f"{router}/v1/completions", {"prompt": "x", "n": 2, "seed": 2**63 - 1})
+    assert status == 200, body
+    assert sorted(s.sampling["seed"] for s in cluster.submits) == [-(2**63), 2**63 - 1]
 
 
 async def test_malformed_requests_get_json_errors(router, http):

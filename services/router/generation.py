@@ -85,7 +85,8 @@ class Generation:
                 index = prompt_index * parsed.n + i
                 params = dict(sampling[prompt_index])
                 if params.get("seed") is not None:
-                    params["seed"] += i  # n samples from one seed must still differ
+                    # n samples from one seed must still differ; wrapped to stay a signed 64-bit seed
+                    params["seed"] = (params["seed"] + i + 2**63) % 2**64 - 2**63
                 sub = _SubRequest(
                     request_id=f"{response_id}-{index}",
                     index=index,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -39,9 +40,44 @@ async def read_json(request: web.Request) -> Any:
         raise bad_request(f"Content-Type must be application/json, got {content_type!r}")
     raw = await request.read()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise bad_request(f"the request body is not valid JSON: {error}"[:300]) from None
+    if _SURROGATE_ESCAPE.search(raw):  # only an escape can smuggle one in: raw bytes must be valid UTF-8
+        where = _unpaired_surrogate(body, "")
+        if where is not None:
+            param = where or None
+            raise bad_request(
+                f"'{where or 'the body'}' holds an unpaired UTF-16 surrogate escape, which is not text", param
+            )
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(value: Any, path: str) -> str | None:
+    """The path (`messages[0].content`) of the first string holding a lone surrogate, which no tokenizer or
+    wire encoder accepts; None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unpaired_surrogate(key, path) or _unpaired_surrogate(
+                item, f"{path}.{key}" if path else key
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unpaired_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:

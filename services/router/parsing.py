@@ -9,6 +9,7 @@ since OpenAI clients send it for unset options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +64,8 @@ class ParsedRequest:
 
 # ---- typed getters -----------------------------------------------------------------------------------------
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 def _type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
@@ -76,9 +79,11 @@ def _get_int(body: dict[str, Any], name: str, default: int | None = None) -> int
         return default
     # JSON has one number type; 16.0 is still 16, but 16.5 or true is not an integer.
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"'{name}' must be an integer, got {_type_name(value)}", name)
+    if not INT64_MIN <= value <= INT64_MAX:  # nothing here means more, and the wire carries 64 bits
+        raise bad_request(f"'{name}' is out of range: {value}"[:200], name)
     return value
 
 
@@ -86,9 +91,15 @@ def _get_number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"'{name}' must be a number, got {_type_name(value)}", name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):  # NaN, Infinity (Python's json accepts both)
+        raise bad_request(f"'{name}' must be a finite number, got {value!r}"[:200], name)
+    return number
 
 
 def _get_bool(body: dict[str, Any], name: str, default: bool) -> bool:

@@ -65,6 +65,8 @@ class SamplingParams:
             raise ParameterError("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             _require_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**63:  # a torch generator's seed, as vLLM bounds it
+                raise ParameterError("seed", f"must fit in a signed 64-bit integer, got {self.seed}")
         _require_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ParameterError("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
