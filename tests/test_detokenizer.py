@@ -502,3 +502,12 @@ def test_stop_strings_against_brute_force(byte_tok: PreTrainedTokenizerFast) -> 
             final = full
             assert before_flush + tail == full
         assert (det.text, det.stop_string) == (final, stop), (text, stops)
+
+
+def test_long_periodic_stop_strings_hold_back_and_match(byte_tok: PreTrainedTokenizerFast) -> None:
+    stop = "ab" * 512  # the router's longest; every other prefix ends in "b"
+    det, _, _ = _run_stop(byte_tok, "xy" + "ab" * 300, [stop, "q" * 1024])
+    assert det.text == "xy" and det.stop_string is None, "all of 'abab…' could still become the stop"
+    assert det.flush() == "ab" * 300
+    det, _, _ = _run_stop(byte_tok, "xy" + "ab" * 600 + "z", [stop])
+    assert det.text == "xy" and det.stop_string == stop

@@ -418,6 +418,12 @@ async def test_one_failed_submit_of_n_aborts_the_accepted_ones(router, http, clu
         ("/v1/completions", {"prompt": "x", "top_k": 10**30}, "top_k"),
         ("/v1/completions", {"prompt": "x", "temperature": float("inf")}, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 10**400}, "top_p"),
+        # Every token is matched against every stop string on the event loop: bounded.
+        ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a" * 1025]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        # Long enough to be tokenized off the event loop; still too long for the context.
+        ("/v1/completions", {"prompt": "word " * 20_000}, "prompt"),
     ],
 )
 async def test_bad_input_is_400_naming_the_field(router, http, cluster, path, body, param):
@@ -468,6 +474,16 @@ async def test_unknown_model_is_404_and_aliases_are_accepted(router, http, clust
     # `vllm bench serve` users pass the model path as the model name.
     status, body = await post(http, f"{router}/v1/completions", {"model": config.model, "prompt": "x"})
     assert status == 200 and body["model"] == MODEL
+
+
+async def test_a_model_card_is_retrieved_by_id(router, http):
+    async with http.get(f"{router}/v1/models/{MODEL}") as response:
+        card = await response.json()
+        assert response.status == 200, card
+    assert card["id"] == MODEL and card["object"] == "model"
+    async with http.get(f"{router}/v1/models/org/other-model") as response:
+        body = await response.json()
+        assert response.status == 404 and body["error"]["code"] == "model_not_found"
 
 
 async def test_models_lists_the_served_model(router, http):

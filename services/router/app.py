@@ -22,7 +22,7 @@ from services.router.auth import auth_middleware
 from services.router.cluster import ClusterView
 from services.router.errors import error_middleware
 from services.router.handlers import handle_chat, handle_completions
-from services.router.info import handle_health, handle_metrics, handle_models
+from services.router.info import handle_health, handle_metrics, handle_model, handle_models
 from services.router.metrics import RouterMetrics
 from services.router.runtime import CONFIG, METRICS, RUNTIME, RouterRuntime
 from services.router.served_model import build_served_model
@@ -61,6 +61,7 @@ def create_app(
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model:.+}", handle_model)  # ids may hold slashes (org/name)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     return app

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -88,6 +89,19 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat)
 
 
+async def _tokenized(rt: RouterRuntime, parsed: ParsedRequest, body_bytes: int) -> list[list[int]]:
+    """The prompts' token ids. A long text is tokenized (and templated) off the event loop, one at a time:
+    ~1 s per MB, which would otherwise stall every other stream."""
+    if body_bytes < OFF_LOOP_TOKENIZE_BYTES:
+        return _prompt_ids(rt, parsed)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, _prompt_ids, rt, parsed)
+
+
+OFF_LOOP_TOKENIZE_BYTES = 64 * 1024
+# One worker: tokenizations queue behind each other instead of running many threads against one tokenizer.
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecoserve-tokenize")
+
+
 def _prompt_ids(rt: RouterRuntime, parsed: ParsedRequest) -> list[list[int]]:
     tokenizer = rt.model.tokenizer
     if parsed.kind == "chat":
@@ -120,7 +134,7 @@ async def _generate(request: web.Request, parse: Callable[[Any], ParsedRequest])
             404, f"The model `{parsed.model}` does not exist", param="model", code="model_not_found"
         )
     check_token_ids(parsed.sampling.get("stop_token_ids", []), rt.model.vocab_size, "stop_token_ids")
-    prompt_ids = _prompt_ids(rt, parsed)
+    prompt_ids = await _tokenized(rt, parsed, len(await request.read()))  # read() is cached: no copy
     sampling = await _engine_sampling(rt, parsed, prompt_ids)
 
     response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + uuid.uuid4().hex

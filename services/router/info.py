@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.router import openai_format as fmt
 from services.router.cluster import ClusterSnapshot
-from services.router.errors import error_body
+from services.router.errors import APIError, error_body
 from services.router.runtime import RUNTIME, RouterRuntime
 
 DEFAULT_BLOCK_SIZE = 16
 
 
 async def handle_models(request: web.Request) -> web.Response:
+    return web.json_response(fmt.models_list(await _model_card(request)))
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: the card of the served model (OpenAI's `models.retrieve`), else 404."""
+    rt = request.app[RUNTIME]
+    wanted = request.match_info["model"]
+    if not rt.model.matches(wanted):
+        raise APIError(404, f"The model `{wanted}` does not exist", param="model", code="model_not_found")
+    return web.json_response(await _model_card(request))
+
+
+async def _model_card(request: web.Request) -> dict[str, Any]:
     rt = request.app[RUNTIME]
     snapshot = await rt.cluster.snapshot()
     model = rt.model
     max_model_len = snapshot.max_model_len() or model.config_max_model_len
-    return web.json_response(fmt.models_list(model.name, model.created, model.root, max_model_len))
+    return fmt.model_card(model.name, model.created, model.root, max_model_len)
 
 
 def _unavailable(message: str) -> web.Response:

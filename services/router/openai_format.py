@@ -173,18 +173,17 @@ def chat_response(
     return response_body(response_id, "chat.completion", created, model, choices, usage_body)
 
 
-def models_list(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
+def model_card(model_id: str, created: int, root: str, max_model_len: int | None) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": model_id,
-                "object": "model",
-                "created": created,
-                "owned_by": "ecoserve",
-                "root": root,
-                "parent": None,
-                "max_model_len": max_model_len,
-            }
-        ],
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "ecoserve",
+        "root": root,
+        "parent": None,
+        "max_model_len": max_model_len,
     }
+
+
+def models_list(card: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "list", "data": [card]}

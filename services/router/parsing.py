@@ -62,6 +62,9 @@ class ParsedRequest:
         return max(1, len(self.prompts)) * self.n
 
 
+MAX_STOP_STRINGS = 64  # OpenAI takes 4; vLLM sets no limit, and agents send a handful
+MAX_STOP_LENGTH = 1024  # characters
+
 # ---- typed getters -----------------------------------------------------------------------------------------
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -157,6 +160,14 @@ def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
         raise bad_request("'stop' must be a non-empty string or an array of non-empty strings", "stop")
+    # Every generated token is matched against every stop string, on the router's event loop.
+    if len(items) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}", "stop")
+    longest = max(items, key=len, default="")
+    if len(longest) > MAX_STOP_LENGTH:
+        raise bad_request(
+            f"stop strings are at most {MAX_STOP_LENGTH} characters, got {len(longest)}", "stop"
+        )
     return tuple(dict.fromkeys(items))
 
 
@@ -174,6 +185,8 @@ def _stop_token_ids(body: dict[str, Any]) -> list[int]:
 def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _get_bool(body, "stream", False)
     options = _get_dict(body, "stream_options")
+    if options and not stream:  # as vLLM answers it
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = options.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options.include_usage")

@@ -209,9 +209,10 @@ class IncrementalDetokenizer:
 
     def _partial_len(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
-        for prefix in self._partials.get(buf[-1], ()):
-            if buf.endswith(prefix):
-                return len(prefix)
+        size = len(buf)
+        for length, stop in self._partials.get(buf[-1], ()):
+            if length <= size and buf.startswith(stop[:length], size - length):
+                return length
         return 0
 
 
@@ -226,11 +227,14 @@ def _window_decoder(
     return partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
 
 
-def _partial_stop_table(stops: Sequence[str]) -> dict[str, list[str]]:
-    """Proper prefixes of the stop strings keyed by their last character, longest first, so the hold-back
-    check after each token tests only prefixes that can end the text."""
-    table: dict[str, set[str]] = {}
+def _partial_stop_table(stops: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+    """The proper prefixes of the stop strings as (length, stop string), keyed by their last character and
+    longest first, so the hold-back check after each token tests only prefixes that can end the text. Linear
+    in the stops' total length (the prefixes themselves would be quadratic)."""
+    table: dict[str, list[tuple[int, str]]] = {}
     for stop in stops:
         for end in range(1, len(stop)):
-            table.setdefault(stop[end - 1], set()).add(stop[:end])
-    return {char: sorted(prefixes, key=len, reverse=True) for char, prefixes in table.items()}
+            table.setdefault(stop[end - 1], []).append((end, stop))
+    for entries in table.values():
+        entries.sort(key=lambda entry: entry[0], reverse=True)
+    return table
