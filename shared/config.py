@@ -135,6 +135,9 @@ class RouterConfig(CommonConfig):
         "the model id clients use and /v1/models lists (default: the model folder's name; the --model value "
         "is accepted too)",
     )
+    allowed_origins: str = setting(
+        "*", "CORS: comma-separated origins web pages may call the API from ('*': any, as vLLM; '': none)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

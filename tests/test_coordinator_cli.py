@@ -67,7 +67,7 @@ async def test_admin_cli_against_a_coordinator_process(
         header, row = out.splitlines()[3:5]
         assert header.split()[:2] == ["#", "INSTANCE"]
         assert row.split()[:7] == ["1", "inst-a", "m0", "ready", "ready", "2", "1"]
-        assert "max_waiting_per_instance=64" in out
+        assert "max_waiting_per_instance=1024" in out
 
         code, out, err = await run_cli(nats_server.url, prefix, "config", "max_waiting_per_instance=5")
         assert code == 0, err

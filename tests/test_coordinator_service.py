@@ -352,7 +352,7 @@ async def test_admin_config_get_and_set(config_for, nats_client: NATS, ecoserve_
         got = await admin(nats_client, ecoserve_prefix, "config-get")
         assert got.result["config"] == {
             "dispatch_policy": "least_loaded",
-            "max_waiting_per_instance": 64,
+            "max_waiting_per_instance": 1024,
             "lease_seconds": 2.5,
             "dispatch_timeout": 5.0,
             "ttft_slo": 5.0,

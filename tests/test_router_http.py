@@ -760,3 +760,50 @@ async def test_cluster_gauges_come_from_status_in_the_lease(
     assert f"vllm:num_requests_waiting{{{label}}} 5.0" in text
     assert f"vllm:kv_cache_usage_perc{{{label}}} 0.4" in text  # (30 + 50) used of 200 blocks
     assert "ecoserve_router_ready_instances 2.0" in text
+
+
+async def test_browsers_may_call_the_api_cross_origin_as_on_vllm(config, tokenizer, http, cluster):
+    config.api_key = "sekrit"
+    cluster.planner = lambda request: plan_text(tokenizer)
+    async with serve_router(config, tokenizer=tokenizer) as url:
+        preflight = {
+            "Origin": "https://chat.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
+        # The preflight carries no key, and must not need one.
+        async with http.options(f"{url}/v1/chat/completions", headers=preflight) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in response.headers["Access-Control-Allow-Methods"]
+            assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+        headers = {"Origin": "https://chat.example", "Authorization": "Bearer sekrit"}
+        body = {"prompt": "x", "stream": True}
+        async with http.post(f"{url}/v1/completions", json=body, headers=headers) as response:
+            assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == "*"
+            assert (await response.read()).endswith(b"data: [DONE]\n\n")
+        async with http.post(f"{url}/v1/completions", json=body, headers={"Origin": "https://x"}) as response:
+            assert response.status == 401 and response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_cors_follows_the_allowed_origins(config, tokenizer, http, cluster):
+    config.allowed_origins = "https://chat.example, https://other.example"
+    cluster.planner = lambda request: plan_text(tokenizer)
+
+    def preflight(origin: str) -> dict[str, str]:
+        return {"Access-Control-Request-Method": "POST", "Origin": origin}
+
+    async with serve_router(config, tokenizer=tokenizer) as url:
+        async with http.options(f"{url}/v1/completions", headers=preflight("https://evil.example")) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        origin = {"Origin": "https://other.example"}
+        async with http.post(f"{url}/v1/completions", json={"prompt": "x"}, headers=origin) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "https://other.example"
+            assert "Origin" in r.headers.getall("Vary")
+    config.allowed_origins = ""
+    async with (
+        serve_router(config, tokenizer=tokenizer) as url,
+        http.options(f"{url}/v1/completions", headers=preflight("https://chat.example")) as r,
+    ):
+        assert r.status == 403

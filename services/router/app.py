@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from services.router.auth import auth_middleware
 from services.router.cluster import ClusterView
+from services.router.cors import cors_headers, cors_middleware, parse_origins
 from services.router.errors import error_middleware
 from services.router.handlers import handle_chat, handle_completions
 from services.router.info import handle_health, handle_metrics, handle_model, handle_models
@@ -51,10 +52,13 @@ def create_app(
     def count_error(status: int) -> None:
         metrics.http_errors.labels(status=str(status)).inc()
 
-    middlewares = [error_middleware(count_error)]
+    origins = parse_origins(config.allowed_origins)
+    # Outermost first: every error becomes JSON; a CORS preflight is answered before the key is checked.
+    middlewares = [error_middleware(count_error), cors_middleware(origins)]
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(cors_headers(origins))
     app[CONFIG] = config
     app[METRICS] = metrics
     app.cleanup_ctx.append(_runtime_context(tokenizer))
