@@ -91,6 +91,18 @@ class KvTransferReport(Message):
     time: float  # unix seconds when the ack arrived
 
 
+@dataclass(frozen=True, kw_only=True)
+class KvHandoffSkipped(Message):
+    """Prefill instance → anyone listening (publish, on the transfers subject): a request it was to hand to
+    `decode_instance_id` ended on the prefill instance instead (it finished at its first token, or was
+    aborted or failed first), so no transfer will come and the decode instance's reservation can go."""
+
+    request_id: str
+    prefill_instance_id: str
+    decode_instance_id: str
+    time: float  # unix seconds
+
+
 def split_transfer(transfer: KvTransfer, transfer_id: str, max_message_bytes: int) -> list[bytes]:
     """Encoded KvChunks, each at most `max_message_bytes` (a NATS server's max_payload) long."""
     piece = max_message_bytes - CHUNK_OVERHEAD

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from services.bench.phases import PhaseBook, PhaseRecorder
 from services.bench.plots import PHASE_COLORS, WINDOW_COLOR, plot_phases
 from shared import subjects
-from shared.kv_messages import KvTransferReport
+from shared.kv_messages import KvHandoffSkipped, KvTransferReport
 from shared.messages import InstanceStatus
 from shared.wire import encode
 
@@ -151,6 +151,10 @@ async def test_recorder_records_kv_transfer_reports(nats_server, nats_client, ec
     recorder = PhaseRecorder(nats_server.url, ecoserve_prefix)
     async with recorder:
         await nats_client.publish(subjects.kv_transfers(ecoserve_prefix), encode(transfer("r", 5.0, 0.1)))
+        skipped = KvHandoffSkipped(
+            request_id="s", prefill_instance_id="p0", decode_instance_id="d0", time=6.0
+        )
+        await nats_client.publish(subjects.kv_transfers(ecoserve_prefix), encode(skipped))  # moved nothing
         await nats_client.publish(subjects.kv_transfers(ecoserve_prefix), b"garbage")
         await nats_client.flush()
         for _ in range(100):

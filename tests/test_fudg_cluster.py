@@ -158,6 +158,17 @@ async def idle(cluster: ClusterProcesses, timeout: float = 10.0) -> list[dict]:
         await asyncio.sleep(0.1)
 
 
+async def test_a_request_done_at_its_first_token_frees_its_decode_reservation(cluster, model_dir):
+    """It never leaves the prefill instance: the coordinator must not keep counting KV on the decode one
+    (before: until a 40 s grace ran out, skewing FuDG's placement and `admin instances`)."""
+    body = {"model": model_dir.name, "prompt": prompt(7), "max_tokens": 1, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s, s.post(cluster.url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["usage"]["completion_tokens"] == 1
+    summaries = await idle(cluster, timeout=5.0)
+    assert all(summary["inflight"] == 0 for summary in summaries)
+
+
 async def test_losing_the_decode_instance_ends_the_stream(cluster, model_dir):
     """Runs last in this module: it kills the decode instance."""
     name = model_dir.name

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import subjects
-from shared.kv_messages import KvTransferReport
+from shared.kv_messages import KvHandoffSkipped, KvTransferReport
 from shared.messages import InstanceStatus
 from shared.wire import WireError, decode
 
@@ -160,10 +160,13 @@ class PhaseRecorder:
 
     async def _on_transfer(self, msg: Any) -> None:
         try:
-            self.book.add_transfer(decode(msg.data, KvTransferReport))
+            report = decode(msg.data, (KvTransferReport, KvHandoffSkipped))
         except WireError as exc:
             self.book.dropped += 1
             log.debug("dropped a KV transfer report: %s", exc)
+            return
+        if isinstance(report, KvTransferReport):  # a skipped hand-off moved nothing
+            self.book.add_transfer(report)
 
     async def stop(self) -> None:
         if self._nc is not None:

@@ -35,7 +35,7 @@ from services.coordinator.scheduling_config import SchedulingConfig
 from services.coordinator.store import Snapshot, Store, StoredWindow
 from services.infra.nats_sync import synced
 from shared import subjects
-from shared.kv_messages import KvTransferReport
+from shared.kv_messages import KvHandoffSkipped, KvTransferReport
 from shared.messages import (
     AbortRequest,
     AdminReply,
@@ -276,11 +276,13 @@ class Leader:
 
     async def _on_transfer(self, msg: Msg) -> None:
         try:
-            report = decode(msg.data, KvTransferReport)
+            report = decode(msg.data, (KvTransferReport, KvHandoffSkipped))
         except WireError as error:
             log.warning("dropped a KV transfer report: %s", error)
             return
-        self.inflight.transfer_done(report.request_id, report.decode_instance_id, report.accepted)
+        # A skipped hand-off is as final as a refused one: the decode instance will not get the request.
+        accepted = isinstance(report, KvTransferReport) and report.accepted
+        self.inflight.transfer_done(report.request_id, report.decode_instance_id, accepted)
 
     def _open_stray_window(self, record: InstanceRecord, status: InstanceStatus, now: float) -> None:
         """Outside PaDG nobody rolls windows, so a padg-policy instance with its window closed would hold its

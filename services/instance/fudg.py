@@ -40,6 +40,7 @@ from shared import subjects
 from shared.kv_messages import (
     ChunkAssembler,
     KvChunk,
+    KvHandoffSkipped,
     KvTransfer,
     KvTransferAck,
     KvTransferReport,
@@ -134,8 +135,24 @@ class PrefillRole:
         self._requests[request.request_id] = (request, builder)
 
     def forget(self, request_id: str) -> None:
-        """A tracked request ended here (finished, aborted, failed) without being handed off."""
-        self._requests.pop(request_id, None)
+        """A tracked request ended here (finished, aborted, failed) without being handed off: say so, so the
+        coordinator drops the KV reservation it holds for it on the decode instance."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        decode_id = self.route(tracked[0])
+        if decode_id is None or decode_id == self.host.instance_id:
+            return
+        skipped = KvHandoffSkipped(
+            request_id=request_id,
+            prefill_instance_id=self.host.instance_id,
+            decode_instance_id=decode_id,
+            time=time.time(),
+        )
+        task = asyncio.ensure_future(
+            self.host.nc.publish(subjects.kv_transfers(self.host.prefix), encode(skipped))
+        )
+        task.add_done_callback(_log_failure)
 
     def on_transferred(self, out: RequestOutput) -> bool:
         """The engine handed out a request (`out.kv_payload` set): hand it off in the background, and True:
