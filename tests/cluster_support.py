@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +18,7 @@ import aiohttp
 import nats
 
 from services.coordinator.admin_api import endpoint_subject
+from services.infra.embedded import free_port
 from services.instance.engine.attention import ATTENTION_NAME
 from services.instance.engine.llm_engine import EngineConfig, LLMEngine, eos_token_ids_of
 from services.instance.engine.sampling_params import SamplingParams
@@ -26,10 +27,24 @@ from shared.messages import AdminReply, AdminRequest, decode_reply
 from shared.wire import encode
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+async def read_events(response: aiohttp.ClientResponse, count: int, timeout: float = 30.0) -> None:
+    """Read `count` SSE data events of a stream, none of them an error."""
+    seen = 0
+    while seen < count:
+        line = (await asyncio.wait_for(response.content.readline(), timeout)).decode().strip()
+        if line.startswith("data: "):
+            assert "error" not in json.loads(line[6:]), line
+            seen += 1
+
+
+async def final_error(response: aiohttp.ClientResponse) -> dict | None:
+    """Read the rest of an SSE stream: its (last) error event, or None when it ended without one."""
+    error = None
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            error = json.loads(line[6:]).get("error", error)
+    return error
 
 
 class ClusterProcesses:

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from cluster_support import ClusterProcesses, EngineAlone, running_cluster
+from cluster_support import ClusterProcesses, EngineAlone, final_error, running_cluster
 
 from services.instance.models.loader import load_tokenizer
 from shared import subjects
@@ -312,15 +312,9 @@ async def test_killed_instance_ends_its_streams_and_survivors_serve(cluster, mod
         holder = next(summary["instance_id"] for summary in summaries if busy(summary))
         cluster.signal(holder, signal.SIGKILL)
         killed_at = time.monotonic()
-        error_seen = False
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error_seen = True
+        error = await final_error(resp)
         elapsed = time.monotonic() - killed_at
-    assert error_seen, "the stream must end with an error event"
+    assert error is not None, "the stream must end with an error event"
     assert elapsed < 10, f"took {elapsed:.1f}s to end the stream"
     cluster.processes.pop(holder).wait()
     for _ in range(4):

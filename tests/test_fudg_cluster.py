@@ -16,7 +16,7 @@ import aiohttp
 import nats
 import pytest
 import redis.asyncio as aioredis
-from cluster_support import ClusterProcesses, EngineAlone, running_cluster
+from cluster_support import ClusterProcesses, EngineAlone, final_error, read_events, running_cluster
 
 from shared import keys, subjects
 from shared.kv_messages import KvTransferReport
@@ -176,20 +176,10 @@ async def test_losing_the_decode_instance_ends_the_stream(cluster, model_dir):
     async with aiohttp.ClientSession() as s:
         resp = await s.post(cluster.url + "/v1/completions", json=body)
         assert resp.status == 200
-        tokens = 0
-        while tokens < 4:  # past the hand-off: the decode instance is generating
-            line = (await asyncio.wait_for(resp.content.readline(), 30)).decode().strip()
-            if line.startswith("data: "):
-                assert "error" not in json.loads(line[6:])
-                tokens += 1
+        await read_events(resp, 4)  # past the hand-off: the decode instance is generating
         cluster.signal(DECODE, signal.SIGKILL)
         killed_at = time.monotonic()
-        error = None
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                error = event.get("error", error)
+        error = await final_error(resp)
         elapsed = time.monotonic() - killed_at
     assert error is not None, "the stream must end with an error event"
     assert f"instance {DECODE} lost" in json.dumps(error), error  # the coordinator's seq=-1 chunk
@@ -223,18 +213,10 @@ async def test_losing_the_prefill_instance_stops_the_decoding(cluster, model_dir
     async with aiohttp.ClientSession() as s:
         resp = await s.post(cluster.url + "/v1/completions", json=body)
         assert resp.status == 200, await resp.text()
-        tokens = 0
-        while tokens < 4:
-            line = (await asyncio.wait_for(resp.content.readline(), 30)).decode().strip()
-            if line.startswith("data: "):
-                tokens += 1
+        await read_events(resp, 4)
         cluster.signal(PREFILL, signal.SIGKILL)
         killed_at = time.monotonic()
-        error = None
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                error = json.loads(line[6:]).get("error", error)
+        error = await final_error(resp)
         assert error is not None and time.monotonic() - killed_at < 10
     cluster.processes.pop(PREFILL).wait()
     (survivor,) = await idle(cluster)

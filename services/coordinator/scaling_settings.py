@@ -34,7 +34,7 @@ BOUND_KEYS = ("n_lower", "n_upper", "ttft_slo")  # scheduling configuration keys
 
 
 class SettingsError(SettingError):
-    pass
+    """A bad mitosis setting (`ecoserve admin scaling KEY=VALUE`), named by its key."""
 
 
 _KEYS: dict[str, Key] = {

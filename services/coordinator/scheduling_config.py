@@ -33,7 +33,7 @@ DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "padg", "fudg")
 
 
 class ConfigError(SettingError):
-    pass
+    """A bad scheduling configuration key or value (flags or `config-set`), named by its key."""
 
 
 _KEYS: dict[str, Key] = {
